@@ -1,0 +1,155 @@
+"""The `igds` command: `igds score`, `igds select`, `igds demo`.
+
+Every stage reads a YAML config (`--config`) and/or flags; flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from igds_ray.config import ScoreConfig, SelectConfig, from_dict, help_text, load_yaml, set_dotted
+from igds_ray.errors import IGDSError
+
+# flag -> dotted config key
+SCORE_FLAGS: dict[str, str] = {
+    "model": "model",
+    "sae": "sae",
+    "features": "features",
+    "pool": "pool.path",
+    "out": "out",
+    "pooling": "pooling",
+    "text_column": "pool.text_column",
+    "prompt_column": "pool.prompt_column",
+    "response_column": "pool.response_column",
+    "id_column": "pool.id_column",
+    "chat_template": "pool.chat_template",
+    "max_tokens": "max_tokens",
+    "token_budget": "token_budget",
+    "batch_size": "batch_size",
+    "min_actors": "min_actors",
+    "max_actors": "max_actors",
+    "num_gpus": "num_gpus",
+    "num_cpus": "num_cpus",
+    "overwrite": "overwrite",
+}
+SELECT_FLAGS: dict[str, str] = {
+    "scores": "scores",
+    "out": "out",
+    "fraction": "fraction",
+    "n": "n",
+    "arm": "arm",
+    "write_rows": "write_rows",
+    "overwrite": "overwrite",
+}
+
+
+def _merge(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for flag, key in flags.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            if key in ("model", "sae") and isinstance(data.get(key), dict):
+                data.pop(key)  # a flag replaces the whole model/SAE spec
+            set_dotted(data, key, value)
+    return data
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes"):
+        return True
+    if v.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="igds", description="Interpretability-Guided Data Selection on Ray")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="score a Parquet pool with the chosen SAE features",
+                       epilog="config keys:\n" + help_text(ScoreConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", help="YAML file with the keys below; flags override it")
+    s.add_argument("--model", help="hub id or local directory")
+    s.add_argument("--sae", help="local SAE directory, or RELEASE/SAE_ID of a sae-lens release")
+    s.add_argument("--features", help="comma-separated feature ids, e.g. l12_p3041,l12_p77")
+    s.add_argument("--pool", help="Parquet file or directory (local, s3://, gs://)")
+    s.add_argument("--out", help="output directory")
+    s.add_argument("--pooling", choices=["last", "max", "mean"])
+    cols = s.add_mutually_exclusive_group()
+    cols.add_argument("--text-column", dest="text_column")
+    cols.add_argument("--prompt-column", dest="prompt_column")
+    s.add_argument("--response-column", dest="response_column")
+    s.add_argument("--id-column", dest="id_column")
+    s.add_argument("--chat-template", dest="chat_template", type=_bool, metavar="BOOL")
+    s.add_argument("--max-tokens", dest="max_tokens", type=int)
+    s.add_argument("--token-budget", dest="token_budget", type=int)
+    s.add_argument("--batch-size", dest="batch_size", type=int)
+    s.add_argument("--min-actors", dest="min_actors", type=int)
+    s.add_argument("--max-actors", dest="max_actors", type=int)
+    s.add_argument("--num-gpus", dest="num_gpus", type=float)
+    s.add_argument("--num-cpus", dest="num_cpus", type=float)
+    s.add_argument("--overwrite", action="store_const", const=True)
+
+    t = sub.add_parser("select", help="keep the top fraction / top n of a scored pool",
+                       epilog="config keys:\n" + help_text(SelectConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config")
+    t.add_argument("--scores", help="finished scores directory")
+    t.add_argument("--out", help="selection directory")
+    t.add_argument("--fraction", type=float)
+    t.add_argument("--n", type=int)
+    t.add_argument("--arm")
+    t.add_argument("--write-rows", dest="write_rows", type=_bool, metavar="BOOL")
+    t.add_argument("--overwrite", action="store_const", const=True)
+
+    d = sub.add_parser("demo", help="the embedded tiny default: build a tiny world, score it, select, print the top")
+    d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--rows", type=int, default=2000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    return p
+
+
+def score_config(args: argparse.Namespace) -> ScoreConfig:
+    return from_dict(ScoreConfig, _merge(args, SCORE_FLAGS))
+
+
+def select_config(args: argparse.Namespace) -> SelectConfig:
+    data = _merge(args, SELECT_FLAGS)
+    if getattr(args, "n", None) is not None:
+        data["fraction"] = None
+    return from_dict(SelectConfig, data)
+
+
+def _summary(m: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in m.items() if k not in ("config", "files", "pool")}, default=str)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "score":
+            from igds_ray.stages import score
+
+            print(_summary(score.run(score_config(args))))
+        elif args.command == "select":
+            from igds_ray.stages import select
+
+            print(_summary(select.run(select_config(args))))
+        elif args.command == "demo":
+            from igds_ray.demo.run import run_demo
+
+            run_demo(args.run_dir, rows=args.rows, seed=args.seed, top=args.top)
+    except IGDSError as e:
+        print(f"igds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Stage configs: frozen dataclasses, YAML in, CLI overrides, validation that names the key at fault.
+
+No value is ever evaluated as code: YAML is read with `safe_load` and every value is checked against
+the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union
+
+import yaml
+
+from igds_ray.errors import ConfigError
+from igds_ray.schema import DEFAULT_PROMPT, DEFAULT_RESPONSE, FeatureId, parse_features
+
+T = TypeVar("T")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = _help("hub id (e.g. google/gemma-2-2b) or local directory")
+    tokenizer: str | None = _help("tokenizer hub id or directory; default: same as the model", default=None)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "weights dtype; auto = bfloat16 on CUDA, float32 on CPU", default="auto"
+    )
+    device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
+    trust_remote_code: bool = _help("run model code shipped with the checkpoint (off unless asked)", default=False)
+    revision: str | None = _help("hub revision (branch, tag or commit)", default=None)
+    attn_implementation: str | None = _help("sdpa, eager, flash_attention_2; default: transformers' choice", default=None)
+    allow_pickle: bool = _help("allow pickle-based (.bin) weights; default: safetensors only", default=False)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    path: str | None = _help("local directory written by sae-lens `save_model`", default=None)
+    release: str | None = _help("sae-lens release, e.g. gemma-scope-2b-pt-res-canonical", default=None)
+    sae_id: str | None = _help("SAE id inside the release, e.g. layer_12/width_16k/canonical", default=None)
+    dtype: Literal["float32", "bfloat16", "float16"] = _help("dtype the SAE encodes in", default="float32")
+    device: str = _help("auto = the model's device", default="auto")
+
+    def __post_init__(self) -> None:
+        has_path = self.path is not None
+        has_release = self.release is not None or self.sae_id is not None
+        if has_path == has_release:
+            raise ConfigError("sae: give either sae.path, or both sae.release and sae.sae_id")
+        if has_release and not (self.release and self.sae_id):
+            raise ConfigError("sae: sae.release and sae.sae_id go together")
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"{self.release}/{self.sae_id}"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    path: str = _help("Parquet file or directory: local path, s3:// or gs://")
+    text_column: str | None = _help("score one text column (instead of prompt + response)", default=None)
+    prompt_column: str = _help("prompt column", default=DEFAULT_PROMPT)
+    response_column: str = _help("response column", default=DEFAULT_RESPONSE)
+    id_column: str = _help("id column; a pool without it gets stable ids `<file>:<row>`", default="id")
+    chat_template: bool = _help("wrap the prompt in the tokenizer's chat template", default=False)
+    rows_per_read_task: int = _help("rows per read task (row groups are never split)", default=8192)
+
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        return (self.text_column,) if self.text_column else (self.prompt_column, self.response_column)
+
+    def __post_init__(self) -> None:
+        if self.text_column and self.chat_template:
+            raise ConfigError("pool.chat_template needs prompt + response columns, not pool.text_column")
+        if not self.text_column and self.prompt_column == self.response_column:
+            raise ConfigError("pool.prompt_column and pool.response_column must differ")
+        if self.rows_per_read_task < 1:
+            raise ConfigError("pool.rows_per_read_task must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    model: ModelConfig = _help("the base model")
+    sae: SAEConfig = _help("the SAE at the layer the features live on")
+    features: tuple[str, ...] = _help("chosen features, e.g. [l12_p3041, l12_p77]; `acts` keeps this order")
+    pool: PoolConfig = _help("the data pool")
+    out: str = _help("output directory (local, s3://, gs://)")
+    pooling: Literal["last", "max", "mean"] = _help(
+        "last = last prompt token (text: last token); max/mean over response tokens (text: all tokens)",
+        default="last",
+    )
+    max_tokens: int = _help("truncate each example to this many tokens (recorded in `truncated`)", default=1024)
+    token_budget: int = _help("padded tokens per forward micro-batch", default=16384)
+    batch_size: int = _help("rows per Ray Data batch handed to a scorer actor", default=512)
+    min_actors: int = _help("scorer actor pool: minimum size (autoscaling)", default=1)
+    max_actors: int = _help("scorer actor pool: maximum size", default=1)
+    num_gpus: float = _help("GPUs per scorer actor (fractions allowed)", default=0.0)
+    num_cpus: float = _help("CPUs per scorer actor", default=1.0)
+    overwrite: bool = _help("recompute even if the output directory holds a finished result", default=False)
+
+    def __post_init__(self) -> None:
+        feats = parse_features(self.features)
+        object.__setattr__(self, "features", tuple(str(f) for f in feats))
+        for key in ("max_tokens", "token_budget", "batch_size", "min_actors", "max_actors"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_actors < self.min_actors:
+            raise ConfigError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ConfigError("num_gpus and num_cpus must be >= 0")
+        if self.token_budget < self.max_tokens:
+            raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_tokens ({self.max_tokens})")
+
+    @property
+    def feature_ids(self) -> tuple[FeatureId, ...]:
+        return parse_features(self.features)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    scores: str = _help("a finished scores directory")
+    out: str = _help("selection directory: <out>/<arm>.parquet (ids) and <out>/<arm>_rows/ (pool rows)")
+    fraction: float | None = _help("keep this fraction of the scored rows (top by score)", default=0.5)
+    n: int | None = _help("keep exactly this many rows (overrides fraction)", default=None)
+    arm: str = _help("name of this selection (igds, random, loss, ...)", default="igds")
+    write_rows: bool = _help("also write the chosen pool rows, ready for training", default=True)
+    overwrite: bool = _help("recompute even if finished", default=False)
+
+    def __post_init__(self) -> None:
+        if self.n is not None:
+            if self.n < 0:
+                raise ConfigError(f"n must be >= 0, got {self.n}")
+        elif self.fraction is None:
+            raise ConfigError("give fraction or n")
+        elif not (0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if not self.arm or "/" in self.arm:
+            raise ConfigError(f"arm must be a plain name, got {self.arm!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and tp in _STRING_SHORTHANDS:
+            value = _STRING_SHORTHANDS[tp](value)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def sae_from_string(spec: str) -> dict[str, str]:
+    """`--sae DIR` (local directory) or `--sae RELEASE/SAE_ID` (sae-lens release, resolved on the hub)."""
+    if os.path.isdir(spec) or spec.startswith(("/", "./", "../", "~")) or "://" in spec:
+        return {"path": os.path.expanduser(spec)}
+    release, sep, sae_id = spec.partition("/")
+    if not sep or not sae_id:
+        raise ConfigError(
+            f"sae: {spec!r} is neither an existing directory nor RELEASE/SAE_ID "
+            "(e.g. gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical)"
+        )
+    return {"release": release, "sae_id": sae_id}
+
+
+_STRING_SHORTHANDS: dict[type, Any] = {
+    ModelConfig: lambda s: {"name_or_path": s},
+    SAEConfig: sae_from_string,
+    PoolConfig: lambda s: {"path": s},
+}
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build a config dataclass from a mapping; unknown keys, wrong types and missing keys name the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + k for k in unknown)} "
+            f"(known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise ConfigError(f"missing config key {prefix + name}: {f.metadata.get('help', '')}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+        raise
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (lists, not tuples) that `from_dict` reads back to an equal config."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict; a string shorthand at `a` (e.g. `model: path`) is expanded first."""
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if isinstance(nxt, str):
+            shorthand = {"model": ModelConfig, "sae": SAEConfig, "pool": PoolConfig}.get(p)
+            nxt = dict(_STRING_SHORTHANDS[shorthand](nxt)) if shorthand else {}
+        if not isinstance(nxt, dict):
+            nxt = {}
+        cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def help_text(cls: type) -> str:
+    """A config reference: every key with its type, default and help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = "" if f.default is dataclasses.MISSING else f" = {f.default!r}"
+        lines.append(f"  {f.name}: {_type_name(hints[f.name])}{default}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

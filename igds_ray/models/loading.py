@@ -1,0 +1,216 @@
+"""Load a causal LM + tokenizer (hub id or local dir) and an SAE (sae-lens release or local dir).
+
+Everything that can be checked from configs alone (widths, layer, hook point, feature indices) is
+checked by `check_compatible` before any weights are loaded, so a bad run fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from igds_ray.config import ModelConfig, SAEConfig
+from igds_ray.errors import ConfigError, ModelSAEMismatch
+from igds_ray.schema import FeatureId
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# TransformerLens-style and Hugging Face-style residual hook names. Both name the *output* of
+# decoder block L (HF hidden_states[L+1]); resid_pre of block L is the output of block L-1.
+_TL_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+_TL_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
+_HF_LAYER = re.compile(r"^(?:model\.)?(?:model\.)?layers\.(\d+)$")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+def layer_from_hook_name(hook_name: str) -> int:
+    """The decoder block whose output the SAE reads, from its hook name."""
+    name = (hook_name or "").strip()
+    if m := _TL_POST.match(name):
+        return int(m.group(1))
+    if m := _HF_LAYER.match(name):
+        return int(m.group(1))
+    if m := _TL_PRE.match(name):
+        layer = int(m.group(1)) - 1
+        if layer < 0:
+            raise ModelSAEMismatch(f"SAE hook {name!r} reads the embeddings, which scoring does not support")
+        return layer
+    raise ModelSAEMismatch(
+        f"SAE hook point {name!r} is not supported: use a residual-stream hook, "
+        "blocks.L.hook_resid_post, blocks.L.hook_resid_pre or model.layers.L"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# configs only (no weights)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    hidden_size: int
+    num_layers: int
+    model_type: str
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    d_in: int
+    d_sae: int
+    hook_name: str
+    architecture: str
+    layer: int
+
+
+def model_info(cfg: ModelConfig) -> ModelInfo:
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except Exception as e:  # transformers raises OSError/ValueError with long texts
+        raise ConfigError(f"model {cfg.name_or_path!r}: cannot read its config ({type(e).__name__}: {e})") from None
+    text_cfg = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    return ModelInfo(int(text_cfg.hidden_size), int(text_cfg.num_hidden_layers), str(hf.model_type))
+
+
+def _sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
+    if cfg.path is not None:
+        p = Path(cfg.path)
+        cfg_file = p / "cfg.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"sae.path {cfg.path!r}: no cfg.json there (expected a sae-lens `save_model` directory)")
+        try:
+            return json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"sae.path {cfg.path!r}: cfg.json is not valid JSON ({e})") from None
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    try:
+        return load_sae_config_from_huggingface(cfg.release, cfg.sae_id)
+    except Exception as e:
+        raise ConfigError(f"sae {cfg.release}/{cfg.sae_id}: cannot read its config ({type(e).__name__}: {e})") from None
+
+
+def sae_info(cfg: SAEConfig) -> SAEInfo:
+    d = _sae_cfg_dict(cfg)
+    meta = d.get("metadata") or {}
+    hook_name = meta.get("hook_name") or d.get("hook_name") or ""
+    try:
+        d_in, d_sae = int(d["d_in"]), int(d["d_sae"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"sae {cfg.describe()}: config lacks d_in/d_sae") from None
+    return SAEInfo(d_in, d_sae, hook_name, str(d.get("architecture", "standard")), layer_from_hook_name(hook_name))
+
+
+def check_compatible(model: ModelInfo, sae: SAEInfo, features: tuple[FeatureId, ...] = ()) -> None:
+    """Refuse, before any compute, an SAE/model/feature combination that cannot work."""
+    if sae.d_in != model.hidden_size:
+        raise ModelSAEMismatch(
+            f"SAE d_in={sae.d_in} differs from the model's hidden size {model.hidden_size}: "
+            "this SAE was trained on another model"
+        )
+    if sae.layer >= model.num_layers:
+        raise ModelSAEMismatch(
+            f"SAE hook {sae.hook_name!r} reads layer {sae.layer}, but the model has {model.num_layers} layers "
+            f"(0..{model.num_layers - 1})"
+        )
+    for f in features:
+        if f.layer != sae.layer:
+            raise ModelSAEMismatch(f"feature {f} is on layer {f.layer}, but the SAE reads layer {sae.layer}")
+        if not 0 <= f.index < sae.d_sae:
+            raise ModelSAEMismatch(f"feature {f}: index {f.index} is out of range for an SAE of d_sae={sae.d_sae}")
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
+    if tok.pad_token_id is None:
+        # Padding positions are masked everywhere we pad; any id will do, eos is the convention.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None) -> torch.nn.Module:
+    """A causal LM in eval mode. Safetensors only unless `allow_pickle`; remote code only if asked."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device(cfg.device)
+    kwargs: dict[str, Any] = dict(
+        dtype=resolve_dtype(cfg.dtype, device),
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+        use_safetensors=None if cfg.allow_pickle else True,
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except OSError as e:
+        if not cfg.allow_pickle and "safetensors" in str(e).lower():
+            raise ConfigError(
+                f"model {cfg.name_or_path!r} has no safetensors weights; pickle-based weights can run code "
+                "on load, so they are refused unless model.allow_pickle is set"
+            ) from None
+        raise
+    return model.to(device).eval()
+
+
+def load_sae(cfg: SAEConfig, device: torch.device) -> Any:
+    """An SAE through sae-lens: `SAE.load_from_disk(dir)` or `SAE.from_pretrained(release, sae_id)`."""
+    from sae_lens import SAE
+
+    dev = str(resolve_device(cfg.device) if cfg.device != "auto" else device)
+    if cfg.path is not None:
+        weights = Path(cfg.path) / "sae_weights.safetensors"
+        if not weights.is_file():
+            raise ConfigError(f"sae.path {cfg.path!r}: no sae_weights.safetensors there")
+        sae = SAE.load_from_disk(cfg.path, device=dev, dtype=cfg.dtype)
+    else:
+        sae = SAE.from_pretrained(cfg.release, cfg.sae_id, device=dev, dtype=cfg.dtype)
+    return sae.eval()
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (Llama, Gemma, Qwen, Mistral, GPT-NeoX, GPT-2 layouts)."""
+    for path in ("model.layers", "model.language_model.layers", "gpt_neox.layers", "transformer.h", "layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ModelSAEMismatch(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def offline_env() -> dict[str, str]:
+    """Environment flags that keep hub libraries from retrying network calls when offline."""
+    return {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}

@@ -1,0 +1,1 @@
+"""Pipeline stages: each a frozen config + pure functions + a rerun-safe `run(cfg)`."""

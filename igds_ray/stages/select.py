@@ -1,0 +1,138 @@
+"""Keep the top fraction (or top n) of a scored pool, exactly and deterministically.
+
+Order: score descending, ties broken by id ascending. Rows with an `error` have no score and are
+never selected. The pool is never collected on the driver: Ray Data sorts the (id, score, src)
+columns in a distributed sort, and the chosen rows are fetched back from the pool file by file.
+
+Output `<out>/<arm>.parquet/` (a Parquet dataset directory with `_SUCCESS`): `id`, `score`,
+`rank` (0 = best), `src_file`, `src_row`, and, with `write_rows`, the pool's text columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from igds_ray import schema as S
+from igds_ray.config import SelectConfig, to_dict
+from igds_ray.errors import ConfigError
+from igds_ray.storage import StageDir, filesystem, join
+
+log = logging.getLogger(__name__)
+
+
+def keep_count(n_scored: int, fraction: float | None, n: int | None) -> int:
+    """How many rows a selection keeps: `n`, else floor(fraction × scored rows) (at least 1 if any)."""
+    if n is not None:
+        if n > n_scored:
+            raise ConfigError(f"n={n} but only {n_scored} rows have a score")
+        return n
+    assert fraction is not None
+    return min(n_scored, max(1 if n_scored else 0, math.floor(fraction * n_scored + 1e-9)))
+
+
+def _fetch_rows(group: pa.Table, pool_uri: str, text_columns: list[str]) -> pa.Table:
+    """The pool rows of one source file named in `group` (all its rows share `src_file`)."""
+    import pyarrow.parquet as pq
+
+    rel = group.column(S.SRC_FILE)[0].as_py()
+    fs, root = filesystem(pool_uri)
+    path = root if fs.get_file_info(root).type.name == "File" else f"{root.rstrip('/')}/{rel}"
+    with fs.open_input_file(path) as fh:
+        table = pq.ParquetFile(fh).read(columns=text_columns)
+    rows = group.column(S.SRC_ROW)
+    picked = table.take(rows)
+    out = group
+    for name in text_columns:
+        out = out.append_column(name, picked.column(name))
+    return out
+
+
+def _scored_only(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_valid(t.column(S.SCORE)))
+
+
+def _remote(fn):  # noqa: ANN001, ANN202
+    import ray
+
+    return ray.remote(num_cpus=0.25)(fn)
+
+
+@_remote
+def _num_rows(t: pa.Table) -> int:
+    return t.num_rows
+
+
+@_remote
+def _add_rank(t: pa.Table, start: int) -> pa.Table:
+    return t.append_column(S.RANK, pa.array(np.arange(start, start + t.num_rows, dtype=np.int64)))
+
+
+@_remote
+def _last_row(t: pa.Table) -> dict:
+    return t.slice(t.num_rows - 1, 1).to_pylist()[0]
+
+
+def run(cfg: SelectConfig) -> dict[str, Any]:
+    import ray
+
+    from igds_ray.stages.score import init_ray
+
+    scores = StageDir(cfg.scores)
+    smanifest = scores.manifest()
+    out = StageDir(join(cfg.out, f"{cfg.arm}.parquet"))
+    staging = out.begin(cfg.overwrite)
+    if staging is None:
+        log.info("%s is finished; skipping", out.uri)
+        return out.manifest()
+    init_ray()
+    t0 = time.time()
+    ctx = ray.data.DataContext.get_current()
+    # `limit` after `sort` must see the sorted blocks in order, or the top-n would not be exact.
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_parquet(
+        [f.split("://", 1)[-1] if "://" in f else f for f in scores.files()],
+        columns=[S.ID, S.SCORE, S.SRC_FILE, S.SRC_ROW],
+        filesystem=scores.fs,
+    )
+    scored = ds.map_batches(_scored_only, batch_format="pyarrow", batch_size=None).materialize()
+    n_scored = scored.count()
+    n_keep = keep_count(n_scored, cfg.fraction, cfg.n)
+    cutoff = None
+    ranked = scored.limit(0)
+    if n_keep:
+        top = scored.sort([S.SCORE, S.ID], descending=[True, False]).limit(n_keep).materialize()
+        refs = top.to_arrow_refs()
+        sizes = ray.get([_num_rows.remote(r) for r in refs])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
+        ranked_refs = [_add_rank.remote(r, st) for r, st in zip(refs, starts)]
+        last = ray.get(_last_row.remote(ranked_refs[max(i for i, n in enumerate(sizes) if n)]))
+        cutoff = {"score": last[S.SCORE], "id": last[S.ID], "rank": last[S.RANK]}
+        ranked = ray.data.from_arrow_refs(ranked_refs)
+    if cfg.write_rows and n_keep:
+        pool_cfg = smanifest["pool"]
+        # One group per pool file: each file is opened once, however its rows rank.
+        n_files = max(1, min(len(pool_cfg["files"]), 256))
+        ranked = ranked.groupby(S.SRC_FILE, num_partitions=n_files).map_groups(
+            _fetch_rows,
+            fn_kwargs={"pool_uri": pool_cfg["uri"], "text_columns": pool_cfg["text_columns"]},
+            batch_format="pyarrow",
+        )
+    ranked.write_parquet(staging, filesystem=out.fs if "://" in out.uri else None)
+    manifest = {
+        "stage": "select",
+        "config": to_dict(cfg),
+        "scores": cfg.scores,
+        "rows_scored": n_scored,
+        "rows_in_scores": smanifest.get("rows"),
+        "rows": n_keep,
+        "cutoff": cutoff,
+        "wall_s": round(time.time() - t0, 3),
+    }
+    return out.commit(staging, manifest)

@@ -1,0 +1,23 @@
+"""ray job submit --working-dir . --runtime-env runtime_env.yaml -- python jobs/select_top.py --scores s3://bucket/run/scores --fraction 0.5 --out s3://bucket/run/selection
+
+Keep the top fraction of a scored pool (same flags and YAML as `igds select`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from igds_ray.cli import main as cli_main
+
+
+def parse_args(argv: Sequence[str] | None) -> list[str]:
+    return ["select", *(sys.argv[1:] if argv is None else argv)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
