@@ -11,7 +11,15 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from igds_ray.config import ScoreConfig, SelectConfig, from_dict, help_text, load_yaml, set_dotted
+from igds_ray.config import (
+    IdentifyConfig,
+    ScoreConfig,
+    SelectConfig,
+    from_dict,
+    help_text,
+    load_yaml,
+    set_dotted,
+)
 from igds_ray.errors import IGDSError
 
 # flag -> dotted config key
@@ -34,6 +42,14 @@ SCORE_FLAGS: dict[str, str] = {
     "max_actors": "max_actors",
     "num_gpus": "num_gpus",
     "num_cpus": "num_cpus",
+    "overwrite": "overwrite",
+}
+IDENTIFY_FLAGS: dict[str, str] = {
+    "model": "model",
+    "sae": "sae",
+    "run_dir": "run_dir",
+    "backend": "causal.backend",
+    "k": "causal.k",
     "overwrite": "overwrite",
 }
 SELECT_FLAGS: dict[str, str] = {
@@ -106,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--write-rows", dest="write_rows", type=_bool, metavar="BOOL")
     t.add_argument("--overwrite", action="store_const", const=True)
 
+    i = sub.add_parser("identify", help="task feature identification: frequency recall + causal filtering (Ray Tune)",
+                       epilog="config keys:\n" + help_text(IdentifyConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("--config", help="YAML: model, sae, task, run_dir, recall, causal (see docs)")
+    i.add_argument("--model")
+    i.add_argument("--sae")
+    i.add_argument("--run-dir", dest="run_dir")
+    i.add_argument("--backend", choices=["hf", "vllm"])
+    i.add_argument("--k", type=int)
+    i.add_argument("--overwrite", action="store_const", const=True)
+
     d = sub.add_parser("demo", help="the embedded tiny default: build a tiny world, score it, select, print the top")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--rows", type=int, default=2000)
@@ -129,6 +155,12 @@ def _summary(m: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in m.items() if k not in ("config", "files", "pool")}, default=str)
 
 
+def _task_errors() -> type[Exception]:
+    from igds_ray.tasks import TaskDataError
+
+    return TaskDataError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -141,11 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from igds_ray.stages import select
 
             print(_summary(select.run(select_config(args))))
+        elif args.command == "identify":
+            from igds_ray.stages import identify
+
+            result = identify.run(from_dict(IdentifyConfig, _merge(args, IDENTIFY_FLAGS)))
+            print(json.dumps({k: result[k] for k in ("features", "selected_by", "base_metric", "details")}, default=str))
         elif args.command == "demo":
             from igds_ray.demo.run import run_demo
 
             run_demo(args.run_dir, rows=args.rows, seed=args.seed, top=args.top)
-    except IGDSError as e:
+    except (IGDSError, _task_errors()) as e:
         print(f"igds {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

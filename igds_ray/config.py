@@ -143,6 +143,88 @@ class SelectConfig:
             raise ConfigError(f"arm must be a plain name, got {self.arm!r}")
 
 
+@dataclass(frozen=True)
+class TaskConfig:
+    source: str = _help("examples for recall: hf://name[:config], a Parquet/JSONL path or directory")
+    name: str = _help("task: math, summarization, translation, a registered name, or package.module:factory",
+                      default="math")
+    split: str | None = _help("split of `source` used for recall", default="train")
+    dev_source: str | None = _help("dev set for causal filtering; default: `source`", default=None)
+    dev_split: str | None = _help("split of the dev set", default="validation")
+    columns: dict[str, str] = _help("column mapping: source, reference, id (and translation)", default_factory=dict)
+    options: dict[str, Any] = _help("task options, e.g. {src_lang: de, tgt_lang: en}", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecallConfig:
+    limit: int | None = _help("task examples used (seeded sample); None = all", default=500)
+    templates: tuple[int, ...] = _help("prompt template indices; each example x template is one unit", default=(0, 1, 2))
+    positions: Literal["last", "all"] = _help(
+        "token positions read: the prompt's last token, or every prompt token (max over them)", default="last"
+    )
+    min_frequency: float = _help("keep latents active on more than this fraction of units [paper prior code: 0.6]",
+                                 default=0.6)
+    min_act: float = _help("... and whose mean activation when active exceeds this (SAE-dependent: ~10 Gemma Scope)",
+                           default=0.0)
+    top_n: int = _help("candidates kept, ranked by mean activation", default=50)
+    max_tokens: int = _help("prompt tokens kept (the end is kept)", default=512)
+    token_budget: int = _help("padded tokens per forward micro-batch", default=16384)
+    batch_size: int = _help("units per Ray Data batch", default=256)
+    actors: int = _help("recall actors", default=1)
+    num_gpus: float = _help("GPUs per recall actor", default=0.0)
+    num_cpus: float = _help("CPUs per recall actor", default=1.0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_frequency < 1.0:
+            raise ConfigError(f"recall.min_frequency must be in [0, 1), got {self.min_frequency}")
+        if self.top_n < 1 or self.actors < 1 or self.batch_size < 1:
+            raise ConfigError("recall.top_n, recall.actors and recall.batch_size must be >= 1")
+        if not self.templates:
+            raise ConfigError("recall.templates: at least one template index")
+
+
+@dataclass(frozen=True)
+class CausalConfig:
+    factors: tuple[float, ...] = _help("intervention factors tried per candidate (0 ablates, >1 amplifies)",
+                                       default=(0.0, 2.0, 4.0, 8.0))
+    k: int = _help("features kept (paper default 1)", default=1)
+    dev_limit: int = _help("dev examples per trial (seeded sample)", default=200)
+    min_dev: int = _help("refuse to run with fewer usable dev examples than this", default=20)
+    template: int = _help("prompt template index used for generation", default=0)
+    backend: Literal["hf", "vllm"] = _help("generation backend", default="hf")
+    max_new_tokens: int = _help("generation length", default=128)
+    repetition_penalty: float = _help("generation repetition penalty [prior code: 1.1]", default=1.0)
+    gen_actors: int = _help("long-lived generation actors (one model copy each)", default=1)
+    gen_num_cpus: float = _help("CPUs per generation actor", default=1.0)
+    gen_num_gpus: float = _help("GPUs per generation actor (fractions allowed)", default=0.0)
+    gen_batch_size: int = _help("prompts per generate call", default=32)
+    trial_num_cpus: float = _help("CPUs reserved by each Tune trial (the work runs in the actors)", default=0.1)
+    loglik: bool = _help("also measure the teacher-forced log-likelihood of the references (cheap pre-screen)",
+                         default=True)
+    fallback: Literal["none", "top_recall"] = _help(
+        "if no feature improves the metric: stop with an error (none) or keep the top recalled feature",
+        default="none",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.factors or any(f < 0 for f in self.factors):
+            raise ConfigError("causal.factors: a non-empty list of numbers >= 0")
+        if self.k < 1 or self.dev_limit < 1 or self.gen_actors < 1 or self.max_new_tokens < 1:
+            raise ConfigError("causal.k, causal.dev_limit, causal.gen_actors and causal.max_new_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class IdentifyConfig:
+    model: ModelConfig = _help("the base model")
+    sae: SAEConfig = _help("the SAE whose latents are searched")
+    task: TaskConfig = _help("the task")
+    run_dir: str = _help("run directory; writes <run_dir>/features/")
+    recall: RecallConfig = _help("frequency recall", default_factory=RecallConfig)
+    causal: CausalConfig = _help("causal (interventional) filtering", default_factory=CausalConfig)
+    seed: int = _help("seed for example sampling", default=0)
+    overwrite: bool = _help("recompute finished stages", default=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass with type checks
 
@@ -171,6 +253,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
         return value
+    if origin is dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{key}: keys must be strings, got {k!r}")
+            out[k] = v if val_tp is Any else _coerce(v, val_tp, f"{key}.{k}")
+        return out
     if origin is tuple:
         (item_tp, *_rest) = typing.get_args(tp)
         if isinstance(value, str):

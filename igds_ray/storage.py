@@ -50,12 +50,24 @@ def read_json(uri: str) -> Any:
         return json.loads(f.read().decode())
 
 
+def _json_safe(v: Any) -> Any:
+    # NaN/inf are not JSON: strict readers (jq, browsers, other languages) reject them.
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def write_json_atomic(uri: str, data: Any) -> None:
     """Write through a temporary name and move: readers never see half a file (local: atomic rename)."""
     fs, path = filesystem(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        f.write(json.dumps(_json_safe(data), indent=2, sort_keys=True, default=str, allow_nan=False).encode())
     fs.move(tmp, path)
 
 

@@ -72,17 +72,19 @@ class FeatureEncoder(nn.Module):
     encode, then slice.
     """
 
-    def __init__(self, sae: nn.Module, indices: Sequence[int], pad_to: int = 16) -> None:
+    def __init__(self, sae: nn.Module, indices: Sequence[int] | None, pad_to: int = 16) -> None:
         super().__init__()
         self.sae = sae
-        self.k = len(indices)
         d_sae = int(sae.cfg.d_sae)
+        self.full = indices is None  # every latent: the SAE's own encode, nothing copied
+        indices = list(range(d_sae)) if indices is None else list(indices)
+        self.k = len(indices)
         for i in indices:
             if not 0 <= i < d_sae:
                 raise ValueError(f"feature index {i} is out of range for d_sae={d_sae}")
-        self.register_buffer("index", torch.tensor(list(indices), dtype=torch.long, device=sae.W_enc.device))
+        self.register_buffer("index", torch.tensor(indices, dtype=torch.long, device=sae.W_enc.device))
         kind = type(sae).__name__
-        self.sliced = kind in _SLICEABLE and isinstance(getattr(sae, "activation_fn", None), nn.ReLU)
+        self.sliced = not self.full and kind in _SLICEABLE and isinstance(getattr(sae, "activation_fn", None), nn.ReLU)
         self.jumprelu = kind == "JumpReLUSAE"
         if self.sliced:
             cols = list(indices)
@@ -98,6 +100,8 @@ class FeatureEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, x: Tensor) -> Tensor:
         """acts: [..., k] in the order of `indices`, in the SAE's dtype."""
+        if self.full:
+            return self.sae.encode(x)
         if not self.sliced:
             return self.sae.encode(x)[..., self.index]
         sae_in = self.sae.process_sae_in(x)

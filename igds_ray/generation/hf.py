@@ -1,0 +1,149 @@
+"""Hugging Face generation backend: batched `generate` with left padding, greedy by default, and the
+SAE-feature intervention as a forward hook on decoder block L (every position, prefill and decode)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from igds_ray.config import ModelConfig, SAEConfig
+from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig
+from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_model, load_sae, load_tokenizer, resolve_device
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text up to the first stop string (vLLM's convention: the stop string is not included)."""
+    cuts = [i for s in stop if s and (i := text.find(s)) != -1]
+    return text[: min(cuts)] if cuts else text
+
+
+class HFBackend(GenerationBackend):
+    def __init__(
+        self,
+        model: ModelConfig,
+        sae: SAEConfig | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else resolve_device(model.device)
+        self.tok = load_tokenizer(model)
+        self.tok.padding_side = "left"  # not persisted by save_pretrained: set after every load
+        self.model = load_model(model, self.device)
+        self.sae = load_sae(sae, self.device) if sae is not None else None
+        self.sae_layer = layer_from_hook_name(self.sae.cfg.metadata.hook_name) if self.sae is not None else None
+        self.batch_size = batch_size
+        self.hook_calls = 0
+        self._steers: dict[tuple[int, ...], FeatureSteer] = {}
+
+    # -- interventions ------------------------------------------------------------------------
+
+    def steer(self, intervention: Intervention) -> FeatureSteer:
+        if self.sae is None:
+            raise ValueError("this backend was built without an SAE: it cannot intervene on features")
+        if intervention.layer != self.sae_layer:
+            raise ValueError(f"intervention on layer {intervention.layer}, but the SAE reads layer {self.sae_layer}")
+        d_sae = int(self.sae.cfg.d_sae)
+        bad = [f for f in intervention.features if not 0 <= f < d_sae]
+        if bad:
+            raise ValueError(f"feature index {bad[0]} is out of range for an SAE of d_sae={d_sae}")
+        key = tuple(intervention.features)
+        if key not in self._steers:
+            # The update is computed in float32 and added in the stream's dtype (bf16 on GPUs).
+            self._steers[key] = FeatureSteer.from_sae(self.sae, intervention.layer, key, self.device, torch.float32)
+        return self._steers[key]
+
+    @contextmanager
+    def intervened(self, intervention: Intervention | None) -> Iterator[None]:
+        """Apply the intervention to every forward pass inside the context; fail if it never ran."""
+        if intervention is None:
+            yield
+            return
+        steer = self.steer(intervention)
+        factor = float(intervention.factor)
+        before = self.hook_calls
+
+        def hook(_mod: torch.nn.Module, _inp: Any, out: Any) -> Any:
+            self.hook_calls += 1
+            if isinstance(out, (tuple, list)):
+                return (steer.apply(out[0], factor), *out[1:])
+            return steer.apply(out, factor)
+
+        handle = decoder_layers(self.model)[intervention.layer].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if self.hook_calls == before:
+            raise RuntimeError(f"intervention {intervention} was requested but the hook never ran")
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[str], sampling: SamplingConfig, intervention: Intervention | None = None
+    ) -> list[str]:
+        out: list[str | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        greedy = sampling.temperature <= 0
+        gen_kwargs: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            repetition_penalty=sampling.repetition_penalty,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+        )
+        if not greedy:
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+            torch.manual_seed(sampling.seed)
+        else:  # silence "temperature set but do_sample=False" from the model's generation_config
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tok)
+        with self.intervened(intervention):
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s : s + self.batch_size]
+                enc = self.tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
+                gen = self.model.generate(**enc, **gen_kwargs)
+                new = gen[:, enc["input_ids"].shape[1] :]
+                texts = self.tok.batch_decode(new, skip_special_tokens=True)
+                for i, t in zip(idx, texts):
+                    out[i] = cut_at_stop(t, sampling.stop)
+        return [t if t is not None else "" for t in out]
+
+    @torch.inference_mode()
+    def loglik(
+        self, prompts: Sequence[str], references: Sequence[str], intervention: Intervention | None = None
+    ) -> list[float]:
+        """Mean per-token log-likelihood of each reference given its prompt (teacher forcing, no decoding)."""
+        if len(prompts) != len(references):
+            raise ValueError("prompts and references differ in length")
+        res: list[float] = [0.0] * len(prompts)
+        with self.intervened(intervention):
+            for s in range(0, len(prompts), self.batch_size):
+                idx = list(range(s, min(s + self.batch_size, len(prompts))))
+                p_ids = self.tok([prompts[i] for i in idx])["input_ids"]
+                r_ids = self.tok([references[i] for i in idx], add_special_tokens=False)["input_ids"]
+                seqs = [p + r for p, r in zip(p_ids, r_ids)]
+                T = max(len(x) for x in seqs)
+                ids = torch.full((len(idx), T), self.tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), T), dtype=torch.long)
+                for j, x in enumerate(seqs):
+                    ids[j, : len(x)] = torch.tensor(x)
+                    mask[j, : len(x)] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                for j, (p, r) in enumerate(zip(p_ids, r_ids)):
+                    if not r:
+                        res[idx[j]] = float("nan")
+                        continue
+                    pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=logp.device)
+                    tgt = torch.tensor(r, device=logp.device)
+                    res[idx[j]] = float(logp[j, pos, tgt].mean())
+        return res
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        self.sae = None
+        self._steers.clear()

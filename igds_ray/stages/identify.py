@@ -1,0 +1,14 @@
+"""Task feature identification: frequency recall, then causal filtering. Each step is skipped when its
+output in `<run>/features/` is finished, so an interrupted run picks up where it stopped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from igds_ray.config import IdentifyConfig
+from igds_ray.stages import causal, recall
+
+
+def run(cfg: IdentifyConfig) -> dict[str, Any]:
+    table = recall.run(cfg)
+    return causal.run(cfg, recall_table=table)

@@ -1,0 +1,175 @@
+"""Feature identification: recall statistics, HF interventions, the causal filter on Ray Tune."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from sae_lens import SAE
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from igds_ray.config import IdentifyConfig, ModelConfig, SAEConfig, from_dict
+from igds_ray.demo.tiny import build_llama, build_sae, build_tokenizer, corpus, make_rows
+from igds_ray.generation import Intervention, SamplingConfig
+from igds_ray.generation.base import FeatureSteer
+from igds_ray.generation.hf import HFBackend
+from igds_ray.models.runner import LayerRunner, capture_block_output
+from igds_ray.stages import causal, identify, recall
+from igds_ray.tasks import FunctionTask, TaskDataError, register_task, unregister_task
+
+PLANTED = 9  # the latent whose amplification makes the model say TARGET
+TARGET = " apples"
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A tiny Llama and an SAE on its last block in which one weak latent writes the unembedding of TARGET.
+
+    Amplifying that latent makes the model emit TARGET; every other latent is a calibrated random one,
+    and most of them have a higher mean activation than the planted one, so recall alone ranks it low.
+    """
+    root = tmp_path_factory.mktemp("planted")
+    tok = build_tokenizer(corpus())
+    model = build_llama(len(tok), num_layers=2, seed=1, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = make_rows(120, seed=5)
+    prompts = [r["prompt"] for r in rows]
+    enc = tok(prompts[:48], return_tensors="pt", padding=True)
+    hidden = LayerRunner(model, 1, prune=False)(enc["input_ids"], enc["attention_mask"])
+    sae = build_sae(128, 64, "blocks.1.hook_resid_post", "standard", calibration=hidden[enc["attention_mask"].bool()],
+                    active_fraction=0.35, seed=3)
+    (target_id,) = tok(TARGET, add_special_tokens=False).input_ids
+    u = model.lm_head.weight[target_id].detach()
+    with torch.no_grad():
+        sae.W_enc[:, PLANTED] = 0
+        sae.b_enc[PLANTED] = 0.002  # always active, weakly
+        sae.W_dec[PLANTED] = 8000 * u / u.norm()
+    sae.save_model(root / "sae")
+    pd.DataFrame({"source": prompts, "reference": [TARGET.strip()] * len(prompts)}).to_parquet(root / "task.parquet")
+    return root
+
+
+def says_target() -> FunctionTask:
+    return FunctionTask("says_target", None, lambda ans, ex: 1.0 if TARGET.strip() in ans else 0.0)
+
+
+def identify_cfg(root, run_dir, **causal_kw) -> IdentifyConfig:
+    return from_dict(IdentifyConfig, dict(
+        model=str(root / "model"), sae=str(root / "sae"), run_dir=str(run_dir),
+        task=dict(name="says_target", source=str(root / "task.parquet"), split=None, dev_split=None),
+        recall=dict(limit=40, templates=[0], min_frequency=0.6, top_n=64, batch_size=20),
+        causal={**dict(factors=[0.0, 30.0], dev_limit=24, min_dev=10, max_new_tokens=6, gen_batch_size=24),
+                **causal_kw},
+    ))
+
+
+@pytest.fixture(scope="module")
+def task_registered():
+    register_task("says_target", says_target(), overwrite=True)
+    yield
+    unregister_task("says_target")
+
+
+def test_recall_statistics_equal_direct_encode(planted, ray_local, tmp_path, task_registered):
+    cfg = identify_cfg(planted, tmp_path)
+    table = recall.run(cfg).to_pandas().set_index("index")
+    tok = AutoTokenizer.from_pretrained(planted / "model")
+    model = AutoModelForCausalLM.from_pretrained(planted / "model").eval()
+    sae = SAE.load_from_disk(planted / "sae")
+    from igds_ray.tasks import load_task_set
+
+    task = says_target()
+    ex = load_task_set(task, str(planted / "task.parquet"), split=None, limit=40, seed=0).examples
+    acts = []
+    for e in ex:
+        ids = tok(task.build_prompt(e, 0), return_tensors="pt").input_ids
+        # Block 1 is the last block: hidden_states[2] would have the final norm applied, so hook it.
+        with torch.no_grad(), capture_block_output(model, 1) as store:
+            model(ids)
+            acts.append(sae.encode(store[0][0, -1]).numpy())
+    acts = np.stack(acts)
+    active = acts > 0
+    for j in np.nonzero(active.any(0))[0]:
+        row = table.loc[j]
+        assert row["n_active"] == active[:, j].sum()
+        np.testing.assert_allclose(row["frequency"], active[:, j].mean(), rtol=1e-9)
+        np.testing.assert_allclose(row["mean_act"], acts[active[:, j], j].mean(), rtol=1e-4)
+    assert set(table.index) == set(np.nonzero(active.any(0))[0])
+    cands = table[table["candidate"]]
+    assert (cands["frequency"] > 0.6).all() and PLANTED in cands.index
+    assert list(cands.sort_values("rank")["mean_act"]) == sorted(cands["mean_act"], reverse=True)
+    assert cands.loc[PLANTED, "rank"] > 0  # recall alone would not pick it
+
+
+def test_hf_intervention_equals_reconstruction_plus_error(planted):
+    sae = SAE.load_from_disk(planted / "sae")
+    h = torch.randn(5, 7, 128) * 0.3
+    for factor in (0.0, 2.0, 8.0):
+        steer = FeatureSteer.from_sae(sae, 1, (PLANTED, 3), torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            z = sae.encode(h)
+            z2 = z.clone()
+            z2[..., [PLANTED, 3]] *= factor
+            ref = sae.decode(z2) + (h - sae.decode(z))
+        torch.testing.assert_close(steer.apply(h, factor), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_hf_backend_intervention_changes_output_and_counts(planted):
+    b = HFBackend(ModelConfig(str(planted / "model")), SAEConfig(path=str(planted / "sae")))
+    prompts = ["Tom has 3 apples.", "the cat sat"]
+    s = SamplingConfig(max_new_tokens=5)
+    base = b.generate(prompts, s)
+    amp = b.generate(prompts, s, Intervention(1, (PLANTED,), 30.0))
+    assert all(TARGET.strip() in t for t in amp) and base != amp
+    assert b.hook_calls >= 5  # prefill + every decode step
+    assert b.generate(prompts, s, Intervention(1, (PLANTED,), 1.0)) == base  # factor 1 is the identity
+    with pytest.raises(ValueError, match="out of range"):
+        b.generate(prompts, s, Intervention(1, (64,), 2.0))
+    with pytest.raises(ValueError, match="SAE reads layer 1"):
+        b.generate(prompts, s, Intervention(0, (3,), 2.0))
+    ll0 = np.mean(b.loglik(prompts, [TARGET] * 2))
+    ll1 = np.mean(b.loglik(prompts, [TARGET] * 2, Intervention(1, (PLANTED,), 30.0)))
+    assert ll1 > ll0
+
+
+def test_causal_filter_ranks_the_planted_feature_first(planted, ray_local, tmp_path, task_registered):
+    cfg = identify_cfg(planted, tmp_path)
+    res = identify.run(cfg)
+    assert res["features"] == [f"l1_p{PLANTED}"] and res["selected_by"] == "causal"
+    assert res["details"][0]["factor"] == 30.0 and res["details"][0]["delta"] > 0.5
+    trials = pd.read_parquet(tmp_path / "features" / "causal.parquet")
+    n_cand = int(pd.read_parquet(tmp_path / "features" / "recall.parquet")["candidate"].sum())
+    assert len(trials) == 2 * n_cand and (trials["status"] == "ok").all()
+    others = trials[trials["index"] != PLANTED]
+    assert (others["delta"] < res["details"][0]["delta"]).all()
+    assert res["loglik_vs_metric_spearman"] is not None and res["model_load_share"] < 1
+    on_disk = json.loads((tmp_path / "features" / "features.json").read_text())
+    assert on_disk["features"] == res["features"]
+    # A finished search is not rerun.
+    assert identify.run(cfg)["search_wall_s"] == res["search_wall_s"]
+
+
+def test_no_helpful_feature_is_a_clear_stop(planted, ray_local, tmp_path, task_registered):
+    cfg = identify_cfg(planted, tmp_path, factors=[1.0])  # factor 1 changes nothing: no delta > 0
+    with pytest.raises(causal.NoHelpfulFeature, match="no candidate latent improved"):
+        identify.run(cfg)
+    cfg = identify_cfg(planted, tmp_path / "fb", factors=[1.0], fallback="top_recall")
+    assert identify.run(cfg)["selected_by"] == "fallback:top_recall"
+
+
+def test_dev_set_too_small(planted, ray_local, tmp_path, task_registered):
+    cfg = identify_cfg(planted, tmp_path, min_dev=500)
+    with pytest.raises(TaskDataError, match="min_dev=500"):
+        identify.run(cfg)
+
+
+def test_spearman():
+    assert causal.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert causal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(causal.spearman([1, 1, 1], [1, 2, 3]))
