@@ -188,5 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def job_args(command: str, argv: Sequence[str] | None = None) -> list[str]:
+    """The argv a `jobs/` entrypoint hands to `main`: its stage's subcommand, then its own flags."""
+    return [command, *(sys.argv[1:] if argv is None else argv)]
+
+
 if __name__ == "__main__":
     sys.exit(main())

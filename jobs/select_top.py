@@ -8,11 +8,12 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from igds_ray.cli import job_args
 from igds_ray.cli import main as cli_main
 
 
-def parse_args(argv: Sequence[str] | None) -> list[str]:
-    return ["select", *(sys.argv[1:] if argv is None else argv)]
+def parse_args(argv: Sequence[str] | None = None) -> list[str]:
+    return job_args("select", argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

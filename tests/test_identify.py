@@ -13,50 +13,24 @@ from sae_lens import SAE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from igds_ray.config import IdentifyConfig, ModelConfig, SAEConfig, from_dict
-from igds_ray.demo.tiny import build_llama, build_sae, build_tokenizer, corpus, make_rows
+from igds_ray.demo.tiny import PLANTED_TARGET, build_planted_world, says_target_task
 from igds_ray.generation import Intervention, SamplingConfig
 from igds_ray.generation.base import FeatureSteer
 from igds_ray.generation.hf import HFBackend
-from igds_ray.models.runner import LayerRunner, capture_block_output
+from igds_ray.models.runner import capture_block_output
 from igds_ray.stages import causal, identify, recall
-from igds_ray.tasks import FunctionTask, TaskDataError, register_task, unregister_task
+from igds_ray.tasks import TaskDataError, register_task, unregister_task
 
 PLANTED = 9  # the latent whose amplification makes the model say TARGET
-TARGET = " apples"
+TARGET = PLANTED_TARGET
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """A tiny Llama and an SAE on its last block in which one weak latent writes the unembedding of TARGET.
-
-    Amplifying that latent makes the model emit TARGET; every other latent is a calibrated random one,
-    and most of them have a higher mean activation than the planted one, so recall alone ranks it low.
-    """
-    root = tmp_path_factory.mktemp("planted")
-    tok = build_tokenizer(corpus())
-    model = build_llama(len(tok), num_layers=2, seed=1, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rows = make_rows(120, seed=5)
-    prompts = [r["prompt"] for r in rows]
-    enc = tok(prompts[:48], return_tensors="pt", padding=True)
-    hidden = LayerRunner(model, 1, prune=False)(enc["input_ids"], enc["attention_mask"])
-    sae = build_sae(128, 64, "blocks.1.hook_resid_post", "standard", calibration=hidden[enc["attention_mask"].bool()],
-                    active_fraction=0.35, seed=3)
-    (target_id,) = tok(TARGET, add_special_tokens=False).input_ids
-    u = model.lm_head.weight[target_id].detach()
-    with torch.no_grad():
-        sae.W_enc[:, PLANTED] = 0
-        sae.b_enc[PLANTED] = 0.002  # always active, weakly
-        sae.W_dec[PLANTED] = 8000 * u / u.norm()
-    sae.save_model(root / "sae")
-    pd.DataFrame({"source": prompts, "reference": [TARGET.strip()] * len(prompts)}).to_parquet(root / "task.parquet")
-    return root
+    return build_planted_world(tmp_path_factory.mktemp("planted"), planted=PLANTED)
 
 
-def says_target() -> FunctionTask:
-    return FunctionTask("says_target", None, lambda ans, ex: 1.0 if TARGET.strip() in ans else 0.0)
+says_target = says_target_task
 
 
 def identify_cfg(root, run_dir, **causal_kw) -> IdentifyConfig:
@@ -173,3 +147,54 @@ def test_spearman():
     assert causal.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert causal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert np.isnan(causal.spearman([1, 1, 1], [1, 2, 3]))
+
+
+RESUME_DRIVER = r"""
+import sys, ray
+from igds_ray.config import IdentifyConfig, from_dict
+from igds_ray.stages import identify
+from igds_ray.tasks import register_task
+sys.path.insert(0, sys.argv[3])
+from test_identify import says_target, identify_cfg
+from pathlib import Path
+register_task("says_target", says_target(), overwrite=True)
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+identify.run(identify_cfg(Path(sys.argv[2]), Path(sys.argv[4])))
+"""
+
+
+def test_interrupted_search_resumes_without_rerunning_trials(planted, ray_local, tmp_path, task_registered):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    gcs = ray_local.get_runtime_context().gcs_address
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", RESUME_DRIVER, gcs, str(planted), str(Path(__file__).parent),
+                             str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tune_dir = run_dir / "features" / "tune" / "causal"
+    deadline = time.time() + 240
+    finished = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            finished = sum(1 for p in tune_dir.glob("*/result.json") if p.stat().st_size > 0)
+            if finished >= 3:
+                time.sleep(2.5)  # let Tune save its experiment state (every second, see causal.run)
+                break
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert finished >= 3, "the search did not get going before the deadline"
+    done_before = sum(1 for p in tune_dir.glob("*/result.json") if p.stat().st_size > 0)
+    total = len(list(tune_dir.glob("*/params.json"))) or None
+    assert not (run_dir / "features" / "features.json").exists()
+    res = identify.run(identify_cfg(planted, run_dir))
+    n_trials = res["trials"]
+    assert res["features"] == [f"l1_p{PLANTED}"] and res["failed_trials"] == 0
+    # This run evaluated the base once plus only the trials the killed run had not finished.
+    assert res["evaluations_this_run"] <= 1 + n_trials - 3
+    assert res["evaluations_this_run"] >= 1 + n_trials - done_before
+    assert total is None or total <= n_trials

@@ -239,3 +239,48 @@ def build_world(
         saes[arch] = sae_dir
     pool_dir = write_pool(root / "pool", rows, n_files=n_files)
     return TinyWorld(root, model_dir, saes, pool_dir, layer, d_sae)
+
+
+PLANTED_TARGET = " apples"
+
+
+def build_planted_world(root: Path, planted: int = 9, n_rows: int = 120, seed: int = 1) -> Path:
+    """A tiny Llama + SAE on its last block in which one weak latent writes the unembedding of
+    `PLANTED_TARGET`: amplifying it makes the model say that word. Every other latent is a calibrated
+    random one, most with a higher mean activation, so frequency recall alone ranks the planted one
+    low and only the causal filter can find it. Writes `model/`, `sae/` and `task.parquet`
+    (columns source, reference) under `root`.
+    """
+    import pandas as pd
+
+    from igds_ray.models.runner import LayerRunner
+
+    root = Path(root)
+    tok = build_tokenizer(corpus())
+    model = build_llama(len(tok), num_layers=2, seed=seed, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    prompts = [r["prompt"] for r in make_rows(n_rows, seed=seed + 4)]
+    enc = tok(prompts[:48], return_tensors="pt", padding=True)
+    hidden = LayerRunner(model, 1, prune=False)(enc["input_ids"], enc["attention_mask"])
+    sae = build_sae(model.config.hidden_size, 64, "blocks.1.hook_resid_post", "standard",
+                    calibration=hidden[enc["attention_mask"].bool()], active_fraction=0.35, seed=seed + 2)
+    (target_id,) = tok(PLANTED_TARGET, add_special_tokens=False).input_ids
+    u = model.lm_head.weight[target_id].detach()
+    with torch.no_grad():
+        sae.W_enc[:, planted] = 0
+        sae.b_enc[planted] = 0.002  # always active, weakly
+        sae.W_dec[planted] = 8000 * u / u.norm()
+    sae.save_model(root / "sae")
+    pd.DataFrame({"source": prompts, "reference": [PLANTED_TARGET.strip()] * len(prompts)}).to_parquet(
+        root / "task.parquet")
+    return root
+
+
+def says_target_task() -> "FunctionTask":  # noqa: F821
+    """The planted world's task: 1 when the completion contains the target word."""
+    from igds_ray.tasks import FunctionTask
+
+    word = PLANTED_TARGET.strip()
+    return FunctionTask("says_target", None, lambda ans, ex: 1.0 if word in ans else 0.0)

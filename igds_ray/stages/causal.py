@@ -114,6 +114,25 @@ def _trial(config: dict, actor_names: list[str], base: dict) -> None:
     tune.report(r)
 
 
+def _feature_agreement(trials: list[dict]) -> dict[str, Any]:
+    """Per latent (best over factors): rank agreement of the log-likelihood gain with the metric gain,
+    and whether both put the same latent first."""
+    best_m: dict[int, float] = {}
+    best_l: dict[int, float] = {}
+    for t in trials:
+        best_m[t["index"]] = max(best_m.get(t["index"], -np.inf), t["delta"])
+        best_l[t["index"]] = max(best_l.get(t["index"], -np.inf), t["loglik_delta"])
+    if len(best_m) < 2:
+        return {"loglik_vs_metric_spearman_per_feature": None, "loglik_top1_matches_metric_top1": None}
+    keys = sorted(best_m)
+    top_m = max(keys, key=lambda i: (best_m[i], -i))
+    top_l = max(keys, key=lambda i: (best_l[i], -i))
+    return {
+        "loglik_vs_metric_spearman_per_feature": spearman([best_l[i] for i in keys], [best_m[i] for i in keys]),
+        "loglik_top1_matches_metric_top1": bool(top_m == top_l),
+    }
+
+
 def choose(trials: list[dict], k: int) -> list[dict]:
     """Latents whose best delta > 0, ranked by best delta (then loglik gain, then recall rank); top k."""
     best: dict[int, dict] = {}
@@ -165,6 +184,9 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
             f"causal filtering needs at least causal.min_dev={c.min_dev} dev examples; "
             f"{cfg.task.dev_source or cfg.task.source} (split {cfg.task.dev_split}) has {len(dev.examples)} usable"
         )
+    # Save Tune's experiment state every second (default: at least every 10 s), so a crash loses
+    # at most the trials finished in the last second; the driver reads this when it builds the search.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     init_ray()
     t_start = time.time()
     sampling = dict(max_new_tokens=c.max_new_tokens, repetition_penalty=c.repetition_penalty,
@@ -197,7 +219,9 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
         tuner = tune.Tuner(
             trainable,
             param_space={"candidate": tune.grid_search(candidates)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=c.gen_actors),
+            # Trials are thin clients of the generation actors: reusing the trial actors saves a
+            # process start per trial.
+            tune_config=tune.TuneConfig(max_concurrent_trials=c.gen_actors, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=storage, name="causal", verbose=0),
         )
     grid = tuner.fit()
@@ -242,6 +266,7 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
         "mean_trial_loglik_s": round(float(np.nanmean([t["loglik_s"] for t in ok])), 4) if ll_ok else None,
         "loglik_vs_metric_spearman": spearman([t["loglik_delta"] for t in ll_ok], [t["delta"] for t in ll_ok])
         if ll_ok else None,
+        **_feature_agreement(ll_ok),
         "backend": c.backend,
     }
     out.commit(staging, {"stage": "causal", "config": to_dict(cfg), **summary})
