@@ -38,6 +38,8 @@ class ModelConfig:
     revision: str | None = _help("hub revision (branch, tag or commit)", default=None)
     attn_implementation: str | None = _help("sdpa, eager, flash_attention_2; default: transformers' choice", default=None)
     allow_pickle: bool = _help("allow pickle-based (.bin) weights; default: safetensors only", default=False)
+    adapter: str | None = _help("PEFT (LoRA) adapter directory applied on top of the model, merged at load",
+                                default=None)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,9 @@ class SelectConfig:
     fraction: float | None = _help("keep this fraction of the scored rows (top by score)", default=0.5)
     n: int | None = _help("keep exactly this many rows (overrides fraction)", default=None)
     arm: str = _help("name of this selection (igds, random, loss, ...)", default="igds")
+    score_column: str = _help("column of the scores directory to rank by (e.g. loss, ifd)", default="score")
+    max_score: float | None = _help("exclude rows scoring above this (IFD > 1 is dropped, as Cherry-LLM does)",
+                                    default=None)
     write_rows: bool = _help("also write the chosen pool rows, ready for training", default=True)
     overwrite: bool = _help("recompute even if finished", default=False)
 

@@ -180,7 +180,21 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> torch.nn
                 "on load, so they are refused unless model.allow_pickle is set"
             ) from None
         raise
+    if cfg.adapter:
+        model = _apply_adapter(model, cfg.adapter)
     return model.to(device).eval()
+
+
+def _apply_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """Merge a PEFT adapter into the base weights: generation and scoring then run at base speed."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file() and "://" not in adapter:
+        raise ConfigError(f"model.adapter {adapter!r}: no adapter_config.json there (expected a PEFT adapter dir)")
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except Exception as e:
+        raise ConfigError(f"model.adapter {adapter!r}: cannot load it ({type(e).__name__}: {e})") from None
 
 
 def load_sae(cfg: SAEConfig, device: torch.device) -> Any:

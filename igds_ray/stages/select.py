@@ -54,8 +54,15 @@ def _fetch_rows(group: pa.Table, pool_uri: str, text_columns: list[str]) -> pa.T
     return out
 
 
-def _scored_only(t: pa.Table) -> pa.Table:
-    return t.filter(pc.is_valid(t.column(S.SCORE)))
+def _scored_only(t: pa.Table, column: str, max_score: float | None) -> pa.Table:
+    """Rows with a finite score (at most `max_score`), the ranking column renamed to `score`."""
+    if column != S.SCORE:
+        t = t.rename_columns([S.SCORE if c == column else c for c in t.column_names])
+    col = t.column(S.SCORE)
+    keep = pc.and_(pc.is_valid(col), pc.is_finite(col))
+    if max_score is not None:
+        keep = pc.and_(keep, pc.less_equal(col, max_score))
+    return t.filter(keep)
 
 
 def _remote(fn):  # noqa: ANN001, ANN202
@@ -98,10 +105,11 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     ctx.execution_options.preserve_order = True
     ds = ray.data.read_parquet(
         [f.split("://", 1)[-1] if "://" in f else f for f in scores.files()],
-        columns=[S.ID, S.SCORE, S.SRC_FILE, S.SRC_ROW],
+        columns=[S.ID, cfg.score_column, S.SRC_FILE, S.SRC_ROW],
         filesystem=scores.fs,
     )
-    scored = ds.map_batches(_scored_only, batch_format="pyarrow", batch_size=None).materialize()
+    scored = ds.map_batches(_scored_only, fn_kwargs={"column": cfg.score_column, "max_score": cfg.max_score},
+                            batch_format="pyarrow", batch_size=None).materialize()
     n_scored = scored.count()
     n_keep = keep_count(n_scored, cfg.fraction, cfg.n)
     cutoff = None
