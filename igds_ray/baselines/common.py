@@ -1,0 +1,161 @@
+"""What every baseline scorer shares: the scores layout, row errors, the seeded hash and `run_stage`.
+
+A baseline writes a scores directory exactly like `igds score` (one Parquet part per write task,
+`_SUCCESS` manifest last, one row per pool row, `error` set instead of dropping a row), less the
+`acts` column and plus its own columns (e.g. `loss`, `ifd`), so `igds_ray.stages.select.run` picks
+from it unchanged with `score_column=` / `max_score=`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from igds_ray import schema as S
+from igds_ray.config import PoolConfig, to_dict
+from igds_ray.errors import StageOutputError
+
+log = logging.getLogger(__name__)
+
+# Baseline columns (candidates for igds_ray/schema.py, which this package does not own).
+LOSS = "loss"  # mean NLL of the response tokens given BOS + prompt (the SFT loss)
+UNCOND_LOSS = "uncond_loss"  # mean NLL of the same response tokens given only BOS
+IFD = "ifd"  # exp(loss - uncond_loss) = PPL(response | prompt) / PPL(response)
+ZIP_POS = "zip_pos"  # greedy position inside the row's ZIP shard (0 = picked first)
+ZIP_RATIO = "zip_ratio"  # compression ratio of (selected set + row) when the row was picked
+ZIP_SHARD = "zip_shard"
+
+
+def baseline_schema(id_type: pa.DataType, extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """`scores_schema` without `acts`, plus a baseline's own columns (appended after `score`)."""
+    base = [f for f in S.scores_schema(id_type) if f.name != S.ACTS]
+    at = [f.name for f in base].index(S.SCORE) + 1
+    return pa.schema(base[:at] + list(extra) + base[at:])
+
+
+def row_errors(table: pa.Table, text_columns: Sequence[str]) -> list[str | None]:
+    """Why each row cannot be scored: the reader's `_input_error`, else an empty or blank text column.
+
+    The same rule for every baseline (and for `igds score` with max/mean pooling), so that all arms
+    choose from the same set of usable rows.
+    """
+    errors: list[str | None] = table.column(S.INPUT_ERROR).to_pylist()
+    for name in text_columns:
+        values = table.column(name).to_pylist()
+        for i, v in enumerate(values):
+            if errors[i] is None and not v.strip():
+                errors[i] = f"{name} is empty or whitespace only"
+    return errors
+
+
+def uniform01(seed: int, ids: Sequence[Any]) -> np.ndarray:
+    """A deterministic uniform value in [0, 1) per (seed, id): blake2b keyed by the seed, 53 bits kept.
+
+    Integer and string ids hash differently (`1` vs `"1"`), and the value depends on nothing else
+    (not on file layout, batch boundaries or worker), so a rerun or another cluster gets the same.
+    """
+    key = int(seed).to_bytes(16, "little", signed=True)
+    out = np.empty(len(ids), dtype=np.float64)
+    for i, v in enumerate(ids):
+        tag = b"i:" if isinstance(v, int) else b"s:"
+        d = hashlib.blake2b(tag + str(v).encode(), digest_size=8, key=key).digest()
+        out[i] = (int.from_bytes(d, "little") >> 11) * (1.0 / (1 << 53))
+    return out
+
+
+def scores_table(
+    table: pa.Table,
+    schema: pa.Schema,
+    score: Sequence[float | None],
+    errors: Sequence[str | None],
+    n_tokens: Sequence[int] | None = None,
+    truncated: Sequence[bool] | None = None,
+    extra: dict[str, Sequence[Any]] | None = None,
+) -> pa.Table:
+    """One output part for the pool rows in `table` (same order), in `schema`."""
+    n = table.num_rows
+    cols: dict[str, Any] = {
+        S.ID: table.column(S.ID),
+        S.SCORE: pa.array(score, pa.float64()),
+        S.N_TOKENS: pa.array(n_tokens if n_tokens is not None else [0] * n, pa.int32()),
+        S.TRUNCATED: pa.array(truncated if truncated is not None else [False] * n, pa.bool_()),
+        S.ERROR: pa.array(errors, pa.string()),
+        S.SRC_FILE: table.column(S.SRC_FILE),
+        S.SRC_ROW: table.column(S.SRC_ROW),
+    }
+    for name, values in (extra or {}).items():
+        cols[name] = pa.array(values, schema.field(name).type)
+    return pa.table({f.name: cols[f.name] for f in schema}, schema=schema)
+
+
+def run_stage(
+    method: str,
+    cfg: Any,
+    pool_cfg: PoolConfig,
+    out_uri: str,
+    overwrite: bool,
+    build: Callable[["ray.data.Dataset", Any], "ray.data.Dataset"],  # noqa: F821
+) -> dict[str, Any]:
+    """Discover the pool, `build(ds, pool)` the scoring plan, write it, check every pool row is there
+    exactly once, commit. A finished output is kept unless `overwrite`. Returns the manifest.
+
+    The same protocol as `igds_ray.stages.score.run` (and the same manifest keys, which `select`
+    reads for `write_rows`), with a stronger exactly-once check: every (src_file, src_row) of the
+    pool appears once, not just the right number of rows.
+    """
+    import pyarrow.dataset as pads
+
+    from igds_ray import pool as P
+    from igds_ray.stages.score import init_ray
+    from igds_ray.storage import StageDir
+
+    pool = P.discover(pool_cfg.path, pool_cfg.text_columns, pool_cfg.id_column)
+    out = StageDir(out_uri)
+    staging = out.begin(overwrite)
+    if staging is None:
+        log.info("%s is finished; skipping (overwrite=true recomputes)", out_uri)
+        return out.manifest()
+    init_ray()
+    t0 = time.time()
+    ds = build(P.read_pool(pool, pool_cfg.rows_per_read_task), pool)
+    ds.write_parquet(staging, filesystem=out.fs if "://" in out_uri else None)
+    wall = time.time() - t0
+
+    written = pads.dataset(staging.split("://", 1)[-1] if "://" in staging else staging, format="parquet",
+                           filesystem=out.fs)
+    file_index = {f.rel: i for i, f in enumerate(pool.files)}
+    keys, n_err, n_trunc, tokens = [], 0, 0, 0
+    for batch in written.to_batches(columns=[S.ERROR, S.TRUNCATED, S.N_TOKENS, S.SRC_FILE, S.SRC_ROW]):
+        n_err += batch.num_rows - batch.column(0).null_count
+        n_trunc += int(np.asarray(batch.column(1).to_numpy(zero_copy_only=False)).sum())
+        tokens += int(np.asarray(batch.column(2).to_numpy(zero_copy_only=False), dtype=np.int64).sum())
+        try:
+            f = np.array([file_index[r] for r in batch.column(3).to_pylist()], dtype=np.int64)
+        except KeyError as e:
+            raise StageOutputError(f"{method} wrote a row of unknown pool file {e}: not committing {out_uri}") from None
+        keys.append(f << 40 | batch.column(4).to_numpy(zero_copy_only=False).astype(np.int64))
+    allkeys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    n_rows, n_unique = len(allkeys), len(np.unique(allkeys))
+    if n_rows != pool.num_rows or n_unique != pool.num_rows:
+        raise StageOutputError(
+            f"{method} wrote {n_rows} rows ({n_unique} distinct pool rows) for a pool of {pool.num_rows}: "
+            f"not committing {out_uri}"
+        )
+    manifest = {
+        "stage": "score",
+        "method": method,
+        "config": to_dict(cfg),
+        "pool": {"uri": pool.uri, "files": [f.rel for f in pool.files], "id_column": pool.id_column,
+                 "text_columns": list(pool.text_columns)},
+        "rows": n_rows,
+        "errors": n_err,
+        "truncated": n_trunc,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+    }
+    return out.commit(staging, manifest)
