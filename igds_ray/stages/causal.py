@@ -77,7 +77,7 @@ class GenerationWorker:
         self.references = [task.reference_answer(e) for e in self.examples]
         self.sampling = SamplingConfig(**sampling)
         self.layer = layer
-        self.loglik = loglik and hasattr(self.backend, "loglik")
+        self.loglik = loglik
         self.calls = 0
 
     def info(self) -> dict:

@@ -1,0 +1,393 @@
+"""vLLM generation backend (offline `LLM` API) with the SAE-feature intervention compiled into the model.
+
+How the intervention gets into vLLM (checked on vLLM 0.32, CPU build; see tests/test_vllm_backend.py):
+
+* Hooks added after the engine is built (`LLM.apply_model` + `register_forward_hook`) only run with
+  `enforce_eager=True`: vLLM compiles the model (torch.compile, CUDA graphs) while the engine is
+  built, and the compiled graph never calls Python hooks. So the decoder layer L is changed *while
+  the model loads*, before the first forward traces it: the model loader is wrapped for the duration
+  of `LLM(...)`, and the loaded model's layer-L module gets a subclass of its own class whose
+  forward adds the steering update. Only that one module changes; other layers and other engines
+  in the process are untouched.
+* vLLM decoder layers return `(hidden, residual)`; the residual stream (HF's block output) is their
+  sum. The patched forward returns `(stream + delta, zeros)`, which the next layer's fused
+  add-RMSNorm (or the final norm) turns back into `stream + delta` in the same float order as the
+  HF backend's hook (`h + delta`).
+* vLLM's compiled graphs run without dynamo guards, so anything Python-level read in forward is
+  frozen at trace time. All intervention state is therefore in buffers of the patched module, updated
+  in place between `generate` calls: the SAE's encoder/decoder sliced to at most `max_features`
+  features (zero-padded), and a per-slot scale `factor - 1` (zero = no intervention). A call counter
+  buffer is incremented inside forward, so it counts under compilation and graph replay too; an
+  intervened `generate` whose counter did not advance raises.
+* State changes must reach the module in this process: the engine runs in-process
+  (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker), which rules out tensor/pipeline parallelism.
+* Caches: the prefix cache would hand an intervened request the KV blocks of an unintervened one
+  (or of another intervention) for a shared prompt prefix. Every intervened request carries a
+  `cache_salt` naming its intervention, so blocks are shared only between requests with the same
+  intervention. vLLM's on-disk compile cache could load a graph traced without the patch, so it is
+  disabled (`VLLM_DISABLE_COMPILE_CACHE=1`) whenever an SAE is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from igds_ray.config import ModelConfig, SAEConfig
+from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, cut_at_stop
+from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_sae, load_tokenizer, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "_igds_"
+
+
+def steer_delta(
+    h: torch.Tensor,
+    W_enc: torch.Tensor,  # [d_in, K]
+    b_enc: torch.Tensor,  # [K]
+    threshold: torch.Tensor | None,  # [K] (JumpReLU) or None
+    W_dec: torch.Tensor,  # [K, d_in]
+    b_dec: torch.Tensor,  # [d_in]
+    apply_b_dec_to_input: bool,
+    scale: torch.Tensor,  # [K]: factor - 1 per slot, 0 for unused slots
+) -> torch.Tensor:
+    """`FeatureSteer.apply(h, factor) - h` with a per-slot scale, written with plain tensors so that
+    torch.compile traces it (no dataclass access, no data-dependent Python branches)."""
+    x = h.to(W_enc.dtype)
+    if apply_b_dec_to_input:
+        x = x - b_dec
+    pre = x @ W_enc + b_enc
+    a = torch.relu(pre)
+    if threshold is not None:
+        a = a * (pre > threshold).to(a.dtype)
+    return (a * scale) @ W_dec
+
+
+def _steered_forward(base_forward: Any, self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    out = base_forward(self, *args, **kwargs)
+    self._igds_calls.add_(1)
+    thr = self._igds_threshold if self._igds_jumprelu else None
+    if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
+        hidden, residual = out
+        stream = residual + hidden
+        delta = steer_delta(stream, self._igds_W_enc, self._igds_b_enc, thr, self._igds_W_dec, self._igds_b_dec,
+                            self._igds_apply_b_dec, self._igds_scale)
+        return stream + delta.to(stream.dtype), torch.zeros_like(residual)
+    # Layers that return the stream itself (no separate residual).
+    stream = out[0] if isinstance(out, tuple) else out
+    delta = steer_delta(stream, self._igds_W_enc, self._igds_b_enc, thr, self._igds_W_dec, self._igds_b_dec,
+                        self._igds_apply_b_dec, self._igds_scale)
+    stream = stream + delta.to(stream.dtype)
+    return (stream, *out[1:]) if isinstance(out, tuple) else stream
+
+
+def install_steering(layer: nn.Module, d_in: int, max_features: int, jumprelu: bool, apply_b_dec: bool,
+                     dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Give this one module a steerable forward (a subclass of its class) and the state buffers."""
+    device = next(layer.parameters()).device
+    cls = type(layer)
+    base_forward = cls.forward
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _steered_forward(base_forward, self, *args, **kwargs)
+
+    layer.__class__ = type(f"IgdsSteered{cls.__name__}", (cls,), {"forward": forward})
+    z = dict(device=device, dtype=dtype)
+    layer.register_buffer(_PREFIX + "W_enc", torch.zeros(d_in, max_features, **z), persistent=False)
+    layer.register_buffer(_PREFIX + "b_enc", torch.zeros(max_features, **z), persistent=False)
+    layer.register_buffer(_PREFIX + "threshold", torch.zeros(max_features, **z), persistent=False)
+    layer.register_buffer(_PREFIX + "W_dec", torch.zeros(max_features, d_in, **z), persistent=False)
+    layer.register_buffer(_PREFIX + "b_dec", torch.zeros(d_in, **z), persistent=False)
+    layer.register_buffer(_PREFIX + "scale", torch.zeros(max_features, **z), persistent=False)
+    layer.register_buffer(_PREFIX + "calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+    # Static for the engine's life (read at trace time): the SAE's architecture, not the intervention.
+    layer._igds_jumprelu = jumprelu
+    layer._igds_apply_b_dec = apply_b_dec
+    return layer
+
+
+@contextlib.contextmanager
+def _patch_model_loading(on_loaded: Any) -> Iterator[None]:
+    """Call `on_loaded(model)` on every model a vLLM loader returns in this process, while inside."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    classes, todo = [], [BaseModelLoader]
+    while todo:
+        c = todo.pop()
+        todo.extend(c.__subclasses__())
+        if "load_model" in c.__dict__:
+            classes.append(c)
+    originals = {c: c.__dict__["load_model"] for c in classes}
+
+    def wrap(orig: Any) -> Any:
+        def load_model(self: Any, *args: Any, **kwargs: Any) -> nn.Module:
+            model = orig(self, *args, **kwargs)
+            on_loaded(model)
+            return model
+
+        return load_model
+
+    for c, f in originals.items():
+        setattr(c, "load_model", wrap(f))
+    try:
+        yield
+    finally:
+        for c, f in originals.items():
+            setattr(c, "load_model", f)
+
+
+def _set_vllm_env(**values: str) -> None:
+    """Set vLLM environment flags; vLLM caches its env reads once an engine started, so clear that cache."""
+    os.environ.update(values)
+    import vllm.envs as envs
+
+    getter = getattr(envs, "__getattr__", None)
+    if getter is not None and hasattr(getter, "cache_clear"):
+        getter.cache_clear()
+
+
+class VLLMBackend(GenerationBackend):
+    """Generation through vLLM's offline engine, with interventions on SAE features at layer L.
+
+    Options: `enforce_eager` (False = vLLM compiles the model; the intervention works either way),
+    `max_model_len`, `gpu_memory_utilization`, `dtype` (default: the model config's; auto = bfloat16
+    on GPUs, float32 on CPUs, as in the HF backend), `seed`, `max_features` (the most features one
+    intervention may touch: the buffers are sized once, before compilation) and any other keyword
+    for `vllm.LLM` (e.g. `kv_cache_memory_bytes`: 1 GiB by default on CPUs, `block_size`).
+
+    Side effects on the process: sets VLLM_ENABLE_V1_MULTIPROCESSING=0 (and, with an SAE,
+    VLLM_DISABLE_COMPILE_CACHE=1); on CPUs vLLM's worker then pins this process's OpenMP threads
+    (torch runs with one thread per bound core), which also slows other torch work in the process.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        sae: SAEConfig | None = None,
+        *,
+        enforce_eager: bool = False,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        dtype: str | None = None,
+        seed: int = 0,
+        max_features: int = 16,
+        **llm_kwargs: Any,
+    ) -> None:
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if int(llm_kwargs.get(key, 1)) != 1:
+                raise ValueError(f"VLLMBackend runs one in-process worker: {key} must be 1")
+        # In-process engine: the intervention state lives in this process's copy of the model.
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if sae is not None:
+            env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+        _set_vllm_env(**env)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.tok = load_tokenizer(model)
+        if dtype is None:
+            device = torch.device("cpu" if current_platform.is_cpu() else "cuda")
+            dtype = str(resolve_dtype(model.dtype, device)).removeprefix("torch.")
+        self.max_features = int(max_features)
+        if self.max_features < 1:
+            raise ValueError("max_features must be >= 1")
+        if current_platform.is_cpu() and "kv_cache_memory_bytes" not in llm_kwargs \
+                and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            # On CPUs vLLM otherwise reserves gpu_memory_utilization x the node's RAM for the KV cache.
+            llm_kwargs["kv_cache_memory_bytes"] = 1 << 30
+        self.sae = None
+        self.sae_layer: int | None = None
+        self._layer: nn.Module | None = None
+        patch: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if sae is not None:
+            # The SAE stays on the CPU: only the sliced rows go to the model's device.
+            self.sae = load_sae(sae, torch.device("cpu"))
+            self.sae_layer = layer_from_hook_name(self.sae.cfg.metadata.hook_name)
+            # Refuse SAEs that cannot be steered (TopK, run-time normalization) before building anything.
+            FeatureSteer.from_sae(self.sae, self.sae_layer, (0,), torch.device("cpu"), torch.float32)
+            patch = _patch_model_loading(self._on_model_loaded)
+        with patch:
+            self.llm = LLM(
+                model=model.name_or_path,
+                tokenizer=model.tokenizer,
+                revision=model.revision,
+                trust_remote_code=model.trust_remote_code,
+                dtype=dtype,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                **llm_kwargs,
+            )
+        if sae is not None and self._layer is None:
+            raise RuntimeError(
+                "vLLM loaded the model outside this process (multiprocessing or a distributed executor), "
+                "so the intervention could not be installed; run with VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+                "and a single worker"
+            )
+
+    def _on_model_loaded(self, model: nn.Module) -> None:
+        assert self.sae is not None and self.sae_layer is not None
+        if self._layer is not None:  # a second model in the same engine (e.g. a draft model): leave it
+            return
+        layers = decoder_layers(model)
+        if self.sae_layer >= len(layers):
+            raise ValueError(f"the SAE reads layer {self.sae_layer}, but the model has {len(layers)} layers")
+        cfg = self.sae.cfg
+        log.info("igds: steering hook compiled into decoder layer %d (%s)", self.sae_layer,
+                 type(layers[self.sae_layer]).__name__)
+        self._layer = install_steering(
+            layers[self.sae_layer], int(cfg.d_in), self.max_features,
+            jumprelu=type(self.sae).__name__ == "JumpReLUSAE", apply_b_dec=bool(cfg.apply_b_dec_to_input),
+        )
+
+    # -- interventions ------------------------------------------------------------------------
+
+    @property
+    def hook_calls(self) -> int:
+        """Forward passes of the patched layer so far (counted on the device, inside the compiled graph)."""
+        return int(self._layer._igds_calls.item()) if self._layer is not None else 0
+
+    def _check(self, intervention: Intervention) -> None:
+        if self.sae is None or self._layer is None:
+            raise ValueError("this backend was built without an SAE: it cannot intervene on features")
+        if intervention.layer != self.sae_layer:
+            raise ValueError(f"intervention on layer {intervention.layer}, but the SAE reads layer {self.sae_layer}")
+        d_sae = int(self.sae.cfg.d_sae)
+        bad = [f for f in intervention.features if not 0 <= f < d_sae]
+        if bad:
+            raise ValueError(f"feature index {bad[0]} is out of range for an SAE of d_sae={d_sae}")
+        if len(intervention.features) > self.max_features:
+            raise ValueError(
+                f"{len(intervention.features)} features in one intervention; this backend was built with "
+                f"max_features={self.max_features}"
+            )
+
+    @torch.no_grad()
+    def _load_state(self, intervention: Intervention | None) -> None:
+        """Write the intervention into the patched layer's buffers, in place (compiled graphs hold them)."""
+        layer = self._layer
+        if layer is None:
+            return
+        layer._igds_scale.zero_()
+        if intervention is None:
+            return
+        steer = FeatureSteer.from_sae(self.sae, intervention.layer, intervention.features,
+                                      layer._igds_W_enc.device, layer._igds_W_enc.dtype)
+        k = len(intervention.features)
+        for name in ("W_enc", "b_enc", "threshold", "W_dec", "scale"):
+            getattr(layer, _PREFIX + name).zero_()
+        layer._igds_W_enc[:, :k].copy_(steer.W_enc)
+        layer._igds_b_enc[:k].copy_(steer.b_enc)
+        if steer.threshold is not None:
+            layer._igds_threshold[:k].copy_(steer.threshold)
+        layer._igds_W_dec[:k].copy_(steer.W_dec)
+        layer._igds_b_dec.copy_(steer.b_dec)
+        # factor - 1 in Python (double), then rounded once: the HF hook multiplies by the same float.
+        layer._igds_scale[:k].fill_(float(intervention.factor) - 1.0)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _sampling_params(self, sampling: SamplingConfig, i: int) -> Any:
+        from vllm import SamplingParams
+
+        greedy = sampling.temperature <= 0
+        return SamplingParams(
+            n=1,
+            max_tokens=sampling.max_new_tokens,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            # One seed per prompt, so that repeated prompts give different samples, reproducibly.
+            seed=None if greedy else sampling.seed + i,
+            stop=list(sampling.stop) or None,
+            # Stop strings need vLLM's detokenizer; the returned text is decoded below either way.
+            detokenize=bool(sampling.stop),
+        )
+
+    def _run(self, ids: Sequence[Sequence[int]], params: Sequence[Any], intervention: Intervention | None) -> list[Any]:
+        """`LLM.generate` on token ids with the intervention loaded; each intervention salts the prefix cache."""
+        from vllm.inputs import TokensPrompt
+
+        if intervention is not None:
+            self._check(intervention)
+        salt = None
+        if intervention is not None:
+            feats = ",".join(map(str, intervention.features))
+            salt = f"igds:L{intervention.layer}:f{feats}:v{float(intervention.factor)!r}"
+        reqs = []
+        for x in ids:
+            p = TokensPrompt(prompt_token_ids=list(x))
+            if salt is not None:
+                p["cache_salt"] = salt
+            reqs.append(p)
+        before = self.hook_calls
+        self._load_state(intervention)
+        try:
+            outs = self.llm.generate(reqs, list(params), use_tqdm=False)
+        finally:
+            self._load_state(None)
+        if intervention is not None and self.hook_calls == before:
+            raise RuntimeError(
+                f"intervention {intervention} was requested but the patched layer never ran "
+                "(the compiled model does not contain it)"
+            )
+        return outs
+
+    def generate(
+        self, prompts: Sequence[str], sampling: SamplingConfig, intervention: Intervention | None = None
+    ) -> list[str]:
+
+        if intervention is not None:
+            self._check(intervention)
+        if not prompts:
+            return []
+        # Tokenize here, as the HF backend does, so both backends see the same ids.
+        ids = self.tok(list(prompts))["input_ids"]
+        outs = self._run(ids, [self._sampling_params(sampling, i) for i in range(len(prompts))], intervention)
+        texts = []
+        for o in outs:
+            text = self.tok.decode(list(o.outputs[0].token_ids), skip_special_tokens=True)
+            texts.append(cut_at_stop(text, sampling.stop))
+        return texts
+
+    def loglik(
+        self, prompts: Sequence[str], references: Sequence[str], intervention: Intervention | None = None
+    ) -> list[float]:
+        """Mean per-token log-likelihood of each reference given its prompt (teacher forcing), as
+        `HFBackend.loglik`: vLLM's prompt logprobs of the reference tokens (raw logits, one step)."""
+        from vllm import SamplingParams
+
+        if len(prompts) != len(references):
+            raise ValueError("prompts and references differ in length")
+        if not prompts:
+            return []
+        p_ids = self.tok(list(prompts))["input_ids"]
+        r_ids = self.tok(list(references), add_special_tokens=False)["input_ids"]
+        # Requests with prompt logprobs never read the prefix cache (vLLM sets skip_reading_prefix_cache).
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = self._run([p + r for p, r in zip(p_ids, r_ids)], [params] * len(prompts), intervention)
+        res = []
+        for o, p, r in zip(outs, p_ids, r_ids):
+            if not r:
+                res.append(float("nan"))
+                continue
+            lps = [o.prompt_logprobs[len(p) + j][tok].logprob for j, tok in enumerate(r)]
+            res.append(sum(lps) / len(lps))
+        return res
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        self._layer = None
+        self.sae = None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
