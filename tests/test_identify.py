@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 from sae_lens import SAE
@@ -164,7 +163,6 @@ identify.run(identify_cfg(Path(sys.argv[2]), Path(sys.argv[4])))
 
 
 def test_interrupted_search_resumes_without_rerunning_trials(planted, ray_local, tmp_path, task_registered):
-    import os
     import subprocess
     import sys
     import time

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from igds_ray import pool as P
 from igds_ray import schema as S
 from igds_ray.config import ScoreConfig, from_dict, to_dict
-from igds_ray.errors import ConfigError, ModelSAEMismatch, PoolError, StageOutputError
+from igds_ray.errors import ModelSAEMismatch, PoolError, StageOutputError
 from igds_ray.stages import score
 from igds_ray.stages.score import FeatureScorer, micro_batches
 from igds_ray.storage import StageDir

@@ -80,7 +80,7 @@ def test_top_n_and_determinism(ray_local, scored_world, tmp_path):
     _, scores = scored_world
     a = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(tmp_path / "a"), n=37, fraction=None,
                                                  write_rows=False)))
-    b = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(tmp_path / "b"), n=37, fraction=None,
+    select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(tmp_path / "b"), n=37, fraction=None,
                                                  write_rows=False)))
     ga = pd.read_parquet(tmp_path / "a" / "igds.parquet").sort_values(S.RANK)
     gb = pd.read_parquet(tmp_path / "b" / "igds.parquet").sort_values(S.RANK)

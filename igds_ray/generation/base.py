@@ -10,7 +10,7 @@ run-time output normalization (the SAEs igds loads; checked in tests).
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch

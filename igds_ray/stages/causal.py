@@ -19,7 +19,6 @@ is resumed with `Tuner.restore` from `<run>/features/tune/`: finished trials are
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time

@@ -13,7 +13,6 @@ A failing arm (e.g. an adapter that does not load) is recorded as failed; the ot
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal

@@ -10,18 +10,17 @@ score; never dropped), `src_file`, `src_row`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from igds_ray import schema as S
-from igds_ray.config import ScoreConfig, from_dict, to_dict
+from igds_ray.config import PoolConfig, ScoreConfig, from_dict, to_dict
 from igds_ray.errors import StageOutputError
 from igds_ray.models.loading import (
     check_compatible,
@@ -202,46 +201,78 @@ def init_ray() -> None:
 def run(cfg: ScoreConfig, fail_after_batches: int | None = None) -> dict[str, Any]:
     """Score the pool into `cfg.out`; a finished output is kept (unless `overwrite`). Returns the manifest."""
     import ray
+
+    validate(cfg)
+
+    def build(ds, pool):  # noqa: ANN001, ANN202
+        return ds.map_batches(
+            FeatureScorer,
+            fn_constructor_kwargs={"cfg": to_dict(cfg), "fail_after_batches": fail_after_batches},
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+            num_gpus=cfg.num_gpus or None,
+            num_cpus=cfg.num_cpus,
+        )
+
+    return run_stage("igds", cfg, cfg.pool, cfg.out, cfg.overwrite, build)
+
+
+def run_stage(
+    method: str,
+    cfg: Any,
+    pool_cfg: PoolConfig,
+    out_uri: str,
+    overwrite: bool,
+    build: Callable[["ray.data.Dataset", Any], "ray.data.Dataset"],  # noqa: F821
+) -> dict[str, Any]:
+    """Discover the pool, `build(ds, pool)` the scoring plan, write it, check every pool row is there
+    exactly once, commit. A finished output is kept unless `overwrite`. Returns the manifest.
+
+    The same protocol as `igds_ray.stages.score.run` (and the same manifest keys, which `select`
+    reads for `write_rows`), with a stronger exactly-once check: every (src_file, src_row) of the
+    pool appears once, not just the right number of rows.
+    """
     import pyarrow.dataset as pads
 
     from igds_ray import pool as P
     from igds_ray.storage import StageDir
 
-    validate(cfg)
-    pool = P.discover(cfg.pool.path, cfg.pool.text_columns, cfg.pool.id_column)
-    out = StageDir(cfg.out)
-    staging = out.begin(cfg.overwrite)
+    pool = P.discover(pool_cfg.path, pool_cfg.text_columns, pool_cfg.id_column)
+    out = StageDir(out_uri)
+    staging = out.begin(overwrite)
     if staging is None:
-        log.info("%s is finished; skipping (overwrite=true recomputes)", cfg.out)
+        log.info("%s is finished; skipping (overwrite=true recomputes)", out_uri)
         return out.manifest()
     init_ray()
     t0 = time.time()
-    ds = P.read_pool(pool, cfg.pool.rows_per_read_task)
-    ds = ds.map_batches(
-        FeatureScorer,
-        fn_constructor_kwargs={"cfg": to_dict(cfg), "fail_after_batches": fail_after_batches},
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_gpus=cfg.num_gpus or None,
-        num_cpus=cfg.num_cpus,
-    )
-    ds.write_parquet(staging, filesystem=out.fs if "://" in cfg.out else None)
+    ds = build(P.read_pool(pool, pool_cfg.rows_per_read_task), pool)
+    ds.write_parquet(staging, filesystem=out.fs if "://" in out_uri else None)
     wall = time.time() - t0
 
-    # Exactly-once check before commit: every pool row must be in the output, once.
-    fs = out.fs
-    written = pads.dataset(staging.split("://", 1)[-1] if "://" in staging else staging, format="parquet", filesystem=fs)
-    n_rows = n_err = n_trunc = tokens = 0
-    for batch in written.to_batches(columns=[S.ERROR, S.TRUNCATED, S.N_TOKENS]):
-        n_rows += batch.num_rows
+    written = pads.dataset(staging.split("://", 1)[-1] if "://" in staging else staging, format="parquet",
+                           filesystem=out.fs)
+    file_index = {f.rel: i for i, f in enumerate(pool.files)}
+    keys, n_err, n_trunc, tokens = [], 0, 0, 0
+    for batch in written.to_batches(columns=[S.ERROR, S.TRUNCATED, S.N_TOKENS, S.SRC_FILE, S.SRC_ROW]):
         n_err += batch.num_rows - batch.column(0).null_count
         n_trunc += int(np.asarray(batch.column(1).to_numpy(zero_copy_only=False)).sum())
-        tokens += int(np.asarray(batch.column(2).to_numpy(zero_copy_only=False)).sum())
-    if n_rows != pool.num_rows:
-        raise StageOutputError(f"scoring wrote {n_rows} rows for a pool of {pool.num_rows}: not committing {cfg.out}")
+        tokens += int(np.asarray(batch.column(2).to_numpy(zero_copy_only=False), dtype=np.int64).sum())
+        try:
+            f = np.array([file_index[r] for r in batch.column(3).to_pylist()], dtype=np.int64)
+        except KeyError as e:
+            raise StageOutputError(f"{method} wrote a row of unknown pool file {e}: not committing {out_uri}") from None
+        keys.append(f << 40 | batch.column(4).to_numpy(zero_copy_only=False).astype(np.int64))
+    allkeys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    n_rows, n_unique = len(allkeys), len(np.unique(allkeys))
+    if n_rows != pool.num_rows or n_unique != pool.num_rows:
+        raise StageOutputError(
+            f"{method} wrote {n_rows} rows ({n_unique} distinct pool rows) for a pool of {pool.num_rows}: "
+            f"not committing {out_uri}"
+        )
     manifest = {
         "stage": "score",
+        "method": method,
         "config": to_dict(cfg),
         "pool": {"uri": pool.uri, "files": [f.rel for f in pool.files], "id_column": pool.id_column,
                  "text_columns": list(pool.text_columns)},
