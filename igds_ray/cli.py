@@ -132,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--k", type=int)
     i.add_argument("--overwrite", action="store_const", const=True)
 
+    ft = sub.add_parser("finetune", help="fine-tune the base model on one selection (Ray Train + peft)")
+    ft.add_argument("--config", help="YAML with FinetuneConfig keys (model, data, out, arm, lr, epochs, ...)")
+    ft.add_argument("--model")
+    ft.add_argument("--data", help="a finished selection directory, e.g. RUN/selection/igds.parquet")
+    ft.add_argument("--out", help="adapter/model output directory")
+    ft.add_argument("--arm")
+    ft.add_argument("--overwrite", action="store_const", const=True)
+
+    r = sub.add_parser("run", help="the whole pipeline: identify, score, select all arms, fine-tune, evaluate, report")
+    r.add_argument("--config", required=True, help="YAML: model, sae, task, pool, run_dir, arms, ... (igds run -h)")
+    r.add_argument("--run-dir", dest="run_dir")
+    r.add_argument("--overwrite", action="store_const", const=True)
+
+    rep = sub.add_parser("report", help="(re)build <run>/report/report.md from a run directory's files")
+    rep.add_argument("--run-dir", dest="run_dir", required=True)
+    rep.add_argument("--price-per-gpu-hour", dest="gpu_price", type=float, default=2.5)
+    rep.add_argument("--price-per-cpu-hour", dest="cpu_price", type=float, default=0.05)
+
     d = sub.add_parser("demo", help="the embedded tiny default: build a tiny world, score it, select, print the top")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--rows", type=int, default=2000)
@@ -178,6 +196,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             result = identify.run(from_dict(IdentifyConfig, _merge(args, IDENTIFY_FLAGS)))
             print(json.dumps({k: result[k] for k in ("features", "selected_by", "base_metric", "details")}, default=str))
+        elif args.command == "finetune":
+            from igds_ray.stages import finetune
+
+            flags = {"model": "model", "data": "data", "out": "out", "arm": "arm", "overwrite": "overwrite"}
+            m = finetune.run(from_dict(finetune.FinetuneConfig, _merge(args, flags)))
+            print(_summary({**m.get("metrics", {}), "out": m.get("config", {}).get("out")}))
+        elif args.command == "run":
+            from igds_ray import pipeline
+
+            cfg = from_dict(pipeline.RunConfig, _merge(args, {"run_dir": "run_dir", "overwrite": "overwrite"}))
+            print(f"report: {pipeline.run(cfg)}")
+        elif args.command == "report":
+            from igds_ray import report
+
+            print(report.build(args.run_dir, args.gpu_price, args.cpu_price))
         elif args.command == "demo":
             from igds_ray.demo.run import run_demo
 

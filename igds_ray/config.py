@@ -258,6 +258,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
         return value
+    if tp is dict:
+        tp, origin = dict[str, Any], dict
     if origin is dict:
         if value is None:
             value = {}

@@ -43,7 +43,7 @@ def test_job_entrypoints_parse_like_the_cli():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for name, sub in (("score_pool", "score"), ("select_top", "select"), ("identify_features", "identify")):
+    for name, sub in (("score_pool", "score"), ("select_top", "select"), ("identify_features", "identify"), ("run_pipeline", "run"), ("finetune", "finetune")):
         spec = importlib.util.spec_from_file_location(name, root / "jobs" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)

@@ -1,0 +1,342 @@
+"""`igds run`: the whole IGDS pipeline, each stage skipped when its output is finished.
+
+identify (recall + causal) -> score the pool with the chosen features -> select every arm (IGDS,
+its ablations, the baselines) -> fine-tune every arm -> evaluate base + arms -> report.
+Arms:
+- `igds`: the chosen features (top k by causal delta); `igds_k5`: the top 5 of the same search;
+  `igds_no_causal`: the top recalled latent, no causal filtering; `igds_no_recall`: causal filtering
+  over a random set of latents instead of the recalled candidates;
+- `random`, `loss`, `ifd`, `zip`: the baselines (`igds_ray.baselines`); `full`: every usable row.
+Every stage writes a ledger record (wall time, resources, tokens) that the report prices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from igds_ray.config import (
+    CausalConfig,
+    ConfigError,
+    IdentifyConfig,
+    ModelConfig,
+    PoolConfig,
+    RecallConfig,
+    SAEConfig,
+    ScoreConfig,
+    SelectConfig,
+    TaskConfig,
+    _help,
+    from_dict,
+    to_dict,
+)
+from igds_ray.ledger import Record, read_all, record
+from igds_ray.stages.evaluate import EvalConfig
+from igds_ray.storage import StageDir, exists, join, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+IGDS_ARMS = ("igds", "igds_k5", "igds_no_causal", "igds_no_recall")
+BASELINE_ARMS = ("full", "random", "loss", "ifd", "zip")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    pooling: Literal["last", "max", "mean"] = _help("Feature-Resonant Score pooling", default="last")
+    max_tokens: int = _help("tokens per example", default=1024)
+    token_budget: int = _help("padded tokens per forward micro-batch", default=16384)
+    batch_size: int = _help("rows per Ray Data batch", default=512)
+    min_actors: int = _help("scorer actors, minimum", default=1)
+    max_actors: int = _help("scorer actors, maximum", default=1)
+    num_gpus: float = _help("GPUs per scorer actor", default=0.0)
+    num_cpus: float = _help("CPUs per scorer actor", default=1.0)
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    price_per_gpu_hour: float = _help("$ per GPU-hour for the cost column", default=2.5)
+    price_per_cpu_hour: float = _help("$ per CPU-hour for the cost column", default=0.05)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = _help("the base model")
+    sae: SAEConfig = _help("the SAE whose latents are searched")
+    task: TaskConfig = _help("the task (recall/dev/test data, metric)")
+    pool: PoolConfig = _help("the data pool to select from (prompt + response columns)")
+    run_dir: str = _help("run directory (local, s3://, gs://)")
+    fraction: float = _help("fraction of the pool each selection arm keeps [paper: 0.5]", default=0.5)
+    arms: tuple[str, ...] = _help("arms to train and evaluate", default=("igds", "full", "random", "loss", "ifd", "zip"))
+    recall: RecallConfig = _help("frequency recall", default_factory=RecallConfig)
+    causal: CausalConfig = _help("causal filtering", default_factory=CausalConfig)
+    score: ScoreOptions = _help("pool scoring", default_factory=ScoreOptions)
+    baselines: dict[str, dict[str, Any]] = _help("options per baseline scorer: {random: {...}, lm: {...}, zip: {...}}",
+                                      default_factory=dict)
+    finetune: dict[str, Any] = _help("FinetuneConfig keys shared by all arms (lr, epochs, budget, lora_r, ...)",
+                                     default_factory=dict)
+    evaluate: EvalConfig = _help("evaluation", default_factory=EvalConfig)
+    report: ReportOptions = _help("report prices", default_factory=ReportOptions)
+    no_recall_candidates: int = _help("random latents searched by the igds_no_recall ablation", default=0)
+    seed: int = _help("seed for sampling, random baseline, training", default=0)
+    overwrite: bool = _help("recompute every stage", default=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        known = set(IGDS_ARMS) | set(BASELINE_ARMS)
+        bad = [a for a in self.arms if a not in known]
+        if bad:
+            raise ConfigError(f"arms: unknown arm {bad[0]!r} (known: {', '.join(sorted(known))})")
+        if len(set(self.arms)) != len(self.arms):
+            raise ConfigError("arms: an arm is listed twice")
+        unknown = set(self.baselines) - {"random", "lm", "zip"}
+        if unknown:
+            raise ConfigError(f"baselines: unknown scorer {sorted(unknown)[0]!r} (known: random, lm, zip)")
+        if self.pool.text_column:
+            raise ConfigError("pool: training needs prompt + response columns, not pool.text_column")
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _done_records(self) -> set[tuple[str, str]]:
+        return {(r.stage, r.arm) for r in read_all(self.run_dir) if r.status == "ok"}
+
+    def stage(self, name: str, arm: str, fn: Callable[[], Any], cpus: float = 0.0, gpus: float = 0.0,
+              used_by: list[str] | None = None, tokens: Callable[[Any], int | None] | None = None,
+              rows: Callable[[Any], int | None] | None = None) -> Any:
+        """Run one stage and record it; a stage already recorded as ok is still called (it skips its own
+        finished output) but its original record is kept."""
+        had = (name, arm) in self._done_records()
+        t0 = time.time()
+        try:
+            out = fn()
+        except Exception as e:
+            record(self.run_dir, Record(stage=name, arm=arm, status="failed", wall_s=time.time() - t0, cpus=cpus,
+                                        gpus=gpus, error=f"{type(e).__name__}: {e}"[:2000],
+                                        extra={"used_by": used_by or []}))
+            raise
+        if not had:
+            record(self.run_dir, Record(stage=name, arm=arm, wall_s=time.time() - t0, cpus=cpus, gpus=gpus,
+                                        tokens=tokens(out) if tokens else None, rows=rows(out) if rows else None,
+                                        extra={"used_by": used_by or []}))
+        return out
+
+    # -- feature identification ------------------------------------------------------------------
+
+    def identify_cfg(self, run_dir: str | None = None, **causal: Any) -> IdentifyConfig:
+        c = self.cfg
+        return IdentifyConfig(model=c.model, sae=c.sae, task=c.task, run_dir=run_dir or c.run_dir, recall=c.recall,
+                              causal=dataclasses.replace(c.causal, **causal), seed=c.seed, overwrite=c.overwrite)
+
+    def feature_sets(self) -> dict[str, list[str]]:
+        from igds_ray.stages import causal, recall
+
+        c = self.cfg
+        igds_arms = [a for a in c.arms if a in IGDS_ARMS]
+        if not igds_arms:
+            return {}
+        rc, cc = c.recall, c.causal
+        icfg = self.identify_cfg()
+        table = self.stage("recall", "-", lambda: recall.run(icfg), cpus=rc.actors * rc.num_cpus,
+                           gpus=rc.actors * rc.num_gpus, used_by=igds_arms)
+        sets: dict[str, list[str]] = {}
+        needs_causal = [a for a in igds_arms if a in ("igds", "igds_k5")]
+        if needs_causal:
+            res = self.stage("causal", "-", lambda: causal.run(icfg, recall_table=table),
+                             cpus=cc.gen_actors * cc.gen_num_cpus, gpus=cc.gen_actors * cc.gen_num_gpus,
+                             used_by=needs_causal)
+            sets["igds"] = list(res["features"])
+            if "igds_k5" in igds_arms:
+                import pandas as pd
+
+                trials = pd.read_parquet(StageDir(join(c.run_dir, "features", "causal.parquet")).files()[0])
+                top5 = causal.choose(trials.to_dict("records"), 5)
+                sets["igds_k5"] = [t["feature"] for t in top5] or list(res["features"])
+        if "igds_no_causal" in igds_arms:
+            cands = sorted((r for r in table.to_pylist() if r["candidate"]), key=lambda r: r["rank"])
+            if not cands:
+                raise ConfigError("igds_no_causal: recall found no candidate latent")
+            sets["igds_no_causal"] = [cands[0]["feature"]]
+        if "igds_no_recall" in igds_arms:
+            sets["igds_no_recall"] = self.stage(
+                "causal_no_recall", "-", self._no_recall, cpus=cc.gen_actors * cc.gen_num_cpus,
+                gpus=cc.gen_actors * cc.gen_num_gpus, used_by=["igds_no_recall"])
+        write_json_atomic(join(c.run_dir, "features", "arms.json"), sets)
+        return {a: sets[a] for a in igds_arms}
+
+    def _no_recall(self) -> list[str]:
+        """Causal filtering over random latents (as many as recall's candidates, or no_recall_candidates)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from igds_ray.models.loading import sae_info
+        from igds_ray.schema import FeatureId
+        from igds_ray.stages import causal
+
+        c = self.cfg
+        sub = join(c.run_dir, "ablations", "igds_no_recall")
+        fj = join(sub, "features", "features.json")
+        if exists(fj) and not c.overwrite:
+            return list(read_json(fj)["features"])
+        main = pq.read_table(StageDir(join(c.run_dir, "features", "recall.parquet")).files()[0]).to_pylist()
+        n = c.no_recall_candidates or max(1, min(c.recall.top_n, sum(r["candidate"] for r in main)))
+        si = sae_info(c.sae)
+        rng = np.random.default_rng(c.seed + 7)
+        idx = sorted(rng.choice(si.d_sae, size=min(n, si.d_sae), replace=False).tolist())
+        table = pa.table({"feature": [str(FeatureId(si.layer, i)) for i in idx], "index": idx,
+                          "frequency": [float("nan")] * len(idx), "mean_act": [float("nan")] * len(idx),
+                          "candidate": [True] * len(idx), "rank": list(range(len(idx)))})
+        res = causal.run(self.identify_cfg(run_dir=sub, fallback="top_recall"), recall_table=table)
+        return list(res["features"])
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def score_igds(self, arm: str, features: list[str]) -> str:
+        from igds_ray.stages import score
+
+        c, s = self.cfg, self.cfg.score
+        # Arms with the same feature set share one scores directory.
+        key = "_".join(features)
+        out = join(c.run_dir, "scores", f"frs_{key}")
+        cfg = ScoreConfig(model=c.model, sae=c.sae, features=tuple(features), pool=c.pool, out=out,
+                          pooling=s.pooling, max_tokens=s.max_tokens, token_budget=s.token_budget,
+                          batch_size=s.batch_size, min_actors=s.min_actors, max_actors=s.max_actors,
+                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite)
+        self.stage(f"score_{key}", "-", lambda: score.run(cfg), cpus=s.max_actors * s.num_cpus,
+                   gpus=s.max_actors * s.num_gpus, used_by=[arm], tokens=lambda m: m.get("tokens"),
+                   rows=lambda m: m.get("rows"))
+        return out
+
+    def score_baseline(self, scorer: str, arms: list[str]) -> str:
+        from igds_ray.baselines import lm, random, zip as zip_
+        from igds_ray.baselines.lm import LMConfig
+        from igds_ray.baselines.random import RandomConfig
+        from igds_ray.baselines.zip import ZipConfig
+
+        c = self.cfg
+        out = join(c.run_dir, "scores", scorer)
+        opts = dict(c.baselines.get(scorer, {}))
+        base = dict(pool=to_dict(c.pool), out=out, overwrite=c.overwrite)
+        if scorer == "random":
+            cfg = from_dict(RandomConfig, {"seed": c.seed, **opts, **base})
+            fn, cpus, gpus = (lambda: random.run(cfg)), cfg.num_cpus, 0.0
+        elif scorer == "lm":
+            cfg = from_dict(LMConfig, {**opts, **base, "model": to_dict(c.model)})
+            fn, cpus, gpus = (lambda: lm.run(cfg)), cfg.actors * cfg.num_cpus, cfg.actors * cfg.num_gpus
+        else:
+            cfg = from_dict(ZipConfig, {"seed": c.seed, **opts, **base})
+            fn, cpus, gpus = (lambda: zip_.run(cfg)), cfg.num_cpus, 0.0
+        self.stage(f"score_{scorer}", "-", fn, cpus=cpus, gpus=gpus, used_by=arms,
+                   rows=lambda m: m.get("rows"))
+        return out
+
+    def select(self, arm: str, scores: str, **kw: Any) -> str:
+        from igds_ray.stages import select
+
+        c = self.cfg
+        cfg = SelectConfig(scores=scores, out=join(c.run_dir, "selection"), arm=arm,
+                           **{"fraction": c.fraction, **kw}, overwrite=c.overwrite)
+        self.stage("select", arm, lambda: select.run(cfg), cpus=1.0, rows=lambda m: m.get("rows"))
+        return join(c.run_dir, "selection", f"{arm}.parquet")
+
+    def selections(self, features: dict[str, list[str]]) -> dict[str, str]:
+        from igds_ray.baselines import ARMS
+
+        c = self.cfg
+        out: dict[str, str] = {}
+        for arm in c.arms:
+            if arm in IGDS_ARMS:
+                out[arm] = self.select(arm, self.score_igds(arm, features[arm]))
+        by_scorer: dict[str, list[str]] = {}
+        for arm in c.arms:
+            if arm in BASELINE_ARMS:
+                by_scorer.setdefault(ARMS[arm].scorer or "random", []).append(arm)
+        for scorer, arms in by_scorer.items():
+            scores = self.score_baseline(scorer, arms)
+            for arm in arms:
+                a = ARMS[arm]
+                out[arm] = self.select(arm, scores, score_column=a.score_column, max_score=a.max_score,
+                                       fraction=a.fraction or c.fraction)
+        return out
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def finetune(self, selections: dict[str, str]) -> tuple[dict[str, ModelConfig], dict[str, str]]:
+        from igds_ray.stages import finetune
+
+        c = self.cfg
+        models: dict[str, ModelConfig] = {}
+        failed: dict[str, str] = {}
+        for arm, data in selections.items():
+            fc = from_dict(finetune.FinetuneConfig, {
+                "seed": c.seed, **c.finetune, "model": to_dict(c.model), "data": data,
+                "out": join(c.run_dir, "models", arm), "arm": arm, "overwrite": c.overwrite,
+                "prompt_column": c.pool.prompt_column, "response_column": c.pool.response_column,
+                "chat_template": c.pool.chat_template})
+            cpus = fc.num_workers * fc.cpus_per_worker
+            gpus = fc.num_workers * fc.gpus_per_worker if fc.use_gpu else 0.0
+            try:
+                self.stage("finetune", arm, lambda fc=fc: finetune.run(fc), cpus=cpus, gpus=gpus,
+                           tokens=lambda m: (m.get("metrics") or {}).get("tokens"),
+                           rows=lambda m: (m.get("metrics") or {}).get("rows"))
+            except Exception as e:  # one failing arm is reported; the others go on
+                log.error("fine-tuning arm %s failed: %s", arm, e)
+                failed[arm] = f"{type(e).__name__}: {e}"
+                continue
+            out = join(c.run_dir, "models", arm)
+            models[arm] = (dataclasses.replace(c.model, adapter=out) if fc.method == "lora"
+                           else dataclasses.replace(c.model, name_or_path=out))
+        return models, failed
+
+    # -- the whole run ---------------------------------------------------------------------------
+
+    def run(self) -> str:
+        from igds_ray import report
+        from igds_ray.stages import evaluate
+
+        c = self.cfg
+        write_json_atomic(join(c.run_dir, "config.json"), to_dict(c))
+        _write_yaml(join(c.run_dir, "config.yaml"), to_dict(c))
+        features = self.feature_sets()
+        selections = self.selections(features)
+        models, failed = self.finetune(selections)
+        e = c.evaluate
+        arms = {"base": c.model, **models}
+        feats = features.get("igds") or next(iter(features.values()), None)
+        if not feats:
+            raise ConfigError("evaluation measures the IGDS features' activation: include an igds arm")
+        ev = evaluate.run(c.run_dir, arms, c.sae, feats, c.task, e, overwrite=c.overwrite)
+        done = self._done_records()
+        for arm, info in ev["arms"].items():
+            if info.get("status") == "ok" and ("evaluate", arm) not in done:
+                record(c.run_dir, Record(stage="evaluate", arm=arm, wall_s=info["wall_s"], cpus=e.num_cpus,
+                                         gpus=e.num_gpus, rows=info["n"]))
+        if failed:
+            ev["arms"].update({a: {"status": "failed", "error": err} for a, err in failed.items()})
+            write_json_atomic(join(c.run_dir, "eval", "metrics.json"), ev)
+        return report.build(c.run_dir, c.report.price_per_gpu_hour, c.report.price_per_cpu_hour)
+
+
+def _write_yaml(uri: str, data: dict) -> None:
+    import yaml
+
+    from igds_ray.storage import filesystem
+
+    fs, path = filesystem(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(yaml.safe_dump(data, sort_keys=False).encode())
+
+
+def run(cfg: RunConfig) -> str:
+    """Run (or resume) the pipeline; returns the report's path."""
+    return Pipeline(cfg).run()
