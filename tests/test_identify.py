@@ -11,7 +11,7 @@ import torch
 from sae_lens import SAE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from igds_ray.config import IdentifyConfig, ModelConfig, SAEConfig, from_dict
+from igds_ray.config import IdentifyConfig, ModelConfig, SAEConfig, from_dict, to_dict
 from igds_ray.demo.tiny import PLANTED_TARGET, build_planted_world, says_target_task
 from igds_ray.generation import Intervention, SamplingConfig
 from igds_ray.generation.base import FeatureSteer
@@ -148,15 +148,29 @@ def test_spearman():
     assert np.isnan(causal.spearman([1, 1, 1], [1, 2, 3]))
 
 
+def slow_says_target():
+    """The planted task with a deliberately slow metric (~1 s per trial), so the test can kill the
+    search part-way however fast the tiny model generates."""
+    import time
+
+    from igds_ray.tasks import FunctionTask
+
+    def score(ans, ex):
+        time.sleep(0.04)
+        return 1.0 if TARGET.strip() in ans else 0.0
+
+    return FunctionTask("says_target", None, score)
+
+
 RESUME_DRIVER = r"""
 import sys, ray
 from igds_ray.config import IdentifyConfig, from_dict
 from igds_ray.stages import identify
 from igds_ray.tasks import register_task
 sys.path.insert(0, sys.argv[3])
-from test_identify import says_target, identify_cfg
+from test_identify import slow_says_target, identify_cfg
 from pathlib import Path
-register_task("says_target", says_target(), overwrite=True)
+register_task("says_target", slow_says_target(), overwrite=True)
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 identify.run(identify_cfg(Path(sys.argv[2]), Path(sys.argv[4])))
 """
@@ -179,7 +193,7 @@ def test_interrupted_search_resumes_without_rerunning_trials(planted, ray_local,
         while time.time() < deadline and proc.poll() is None:
             finished = sum(1 for p in tune_dir.glob("*/result.json") if p.stat().st_size > 0)
             if finished >= 3:
-                time.sleep(2.5)  # let Tune save its experiment state (every second, see causal.run)
+                time.sleep(1.5)  # let Tune save its experiment state (every second, see causal.run)
                 break
             time.sleep(0.2)
     finally:
@@ -196,3 +210,30 @@ def test_interrupted_search_resumes_without_rerunning_trials(planted, ray_local,
     assert res["evaluations_this_run"] <= 1 + n_trials - 3
     assert res["evaluations_this_run"] >= 1 + n_trials - done_before
     assert total is None or total <= n_trials
+
+
+def _explodes_when_amplified(preds, examples):
+    hits = sum(TARGET.strip() in (p or "") for p in preds)
+    if hits > len(preds) / 2:
+        raise RuntimeError("metric crashed on purpose")
+    return {"metric": hits / max(len(preds), 1)}
+
+
+def test_a_crashing_trial_is_reported_and_the_search_goes_on(planted, ray_local, tmp_path):
+    from igds_ray.tasks import FunctionTask
+
+    task = FunctionTask("fragile", None, lambda ans, ex: 0.0, corpus_fn=_explodes_when_amplified)
+    register_task("fragile", task, overwrite=True)
+    try:
+        cfg = identify_cfg(planted, tmp_path, fallback="top_recall")
+        cfg = from_dict(IdentifyConfig, {**to_dict(cfg),
+                                         "task": {**cfg.task.__dict__, "name": "fragile"}})
+        res = identify.run(cfg)
+    finally:
+        unregister_task("fragile")
+    trials = pd.read_parquet(tmp_path / "features" / "causal.parquet")
+    bad = trials[trials["status"] == "error"]
+    assert len(bad) >= 1 and (bad["index"] == PLANTED).all() and (bad["factor"] == 30.0).all()
+    assert bad["error"].str.contains("metric crashed on purpose").all()
+    assert (trials["status"] == "ok").sum() == len(trials) - len(bad)
+    assert res["failed_trials"] == len(bad) and res["selected_by"] in ("causal", "fallback:top_recall")

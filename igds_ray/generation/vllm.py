@@ -26,19 +26,33 @@ How the intervention gets into vLLM (checked on vLLM 0.32, CPU build; see tests/
   `cache_salt` naming its intervention, so blocks are shared only between requests with the same
   intervention. vLLM's on-disk compile cache could load a graph traced without the patch, so it is
   disabled (`VLLM_DISABLE_COMPILE_CACHE=1`) whenever an SAE is given.
+
+Fine-tuned arms (`ModelConfig.adapter`, a PEFT LoRA directory): the HF backend merges the adapter
+into the weights; vLLM serves it unmerged as a LoRA adapter instead (`enable_lora`, `max_lora_rank`
+= the adapter's largest rank rounded up to a rank vLLM accepts, and one `LoRARequest` on every
+request). The result is the same model up to float rounding order (x W^T + s (x A^T) B^T against
+x (W + s B A)^T). vLLM's LoRA wrappers replace the linear submodules (qkv_proj, o_proj, ...), not
+the decoder layers, and are installed after the model loader returns, so the layer-L patch is
+unaffected; after the engine is built the backend checks that layer L of the served model is still
+the patched module. On CPUs vLLM turns compilation off whenever LoRA is enabled (eager engine).
+The adapter is loaded when the engine is built, so a bad adapter fails there, not mid-run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import typing
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from igds_ray.config import ModelConfig, SAEConfig
+from igds_ray.errors import ConfigError
 from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, cut_at_stop
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_sae, load_tokenizer, resolve_dtype
 
@@ -152,6 +166,54 @@ def _set_vllm_env(**values: str) -> None:
         getter.cache_clear()
 
 
+def adapter_max_rank(adapter_dir: str | os.PathLike[str]) -> int:
+    """The largest LoRA rank in a PEFT adapter directory (`r` and any `rank_pattern` override)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.adapter {str(adapter_dir)!r}: cannot read {path.name} ({e})") from None
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ConfigError(f"model.adapter {str(adapter_dir)!r}: vLLM serves LoRA adapters only, not {peft_type}")
+    ranks = [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and r > 0 for r in ranks):
+        raise ConfigError(f"model.adapter {str(adapter_dir)!r}: bad LoRA ranks {ranks} in {path.name}")
+    return max(ranks)
+
+
+_LORA_KEY_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def adapter_modules(adapter_dir: str | os.PathLike[str]) -> list[str]:
+    """The module names (last path component: q_proj, down_proj, ...) a PEFT LoRA adapter has weights for,
+    read from the keys of adapter_model.safetensors (empty when there is no such file)."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    mods = set()
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            parts = key.split(".")
+            i = next((j for j, part in enumerate(parts) if part in _LORA_KEY_PARTS), None)
+            if i is not None and i > 0:
+                mods.add(parts[i - 1])
+    return sorted(mods)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds a LoRA of this rank."""
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(typing.get_args(MaxLoRARanks))
+    fits = [a for a in allowed if a >= rank]
+    if not fits:
+        raise ConfigError(f"LoRA rank {rank} is above the largest max_lora_rank vLLM supports ({allowed[-1]})")
+    return fits[0]
+
+
 class VLLMBackend(GenerationBackend):
     """Generation through vLLM's offline engine, with interventions on SAE features at layer L.
 
@@ -160,6 +222,7 @@ class VLLMBackend(GenerationBackend):
     on GPUs, float32 on CPUs, as in the HF backend), `seed`, `max_features` (the most features one
     intervention may touch: the buffers are sized once, before compilation) and any other keyword
     for `vllm.LLM` (e.g. `kv_cache_memory_bytes`: 1 GiB by default on CPUs, `block_size`).
+    With `model.adapter` set, the adapter is served as a vLLM LoRA on every request (see the module doc).
 
     Side effects on the process: sets VLLM_ENABLE_V1_MULTIPROCESSING=0 (and, with an SAE,
     VLLM_DISABLE_COMPILE_CACHE=1); on CPUs vLLM's worker then pins this process's OpenMP threads
@@ -204,6 +267,28 @@ class VLLMBackend(GenerationBackend):
         self.sae = None
         self.sae_layer: int | None = None
         self._layer: nn.Module | None = None
+        self.lora: Any = None  # vllm.lora.request.LoRARequest for model.adapter
+        if model.adapter:
+            adapter = model.adapter
+            if (Path(adapter) / "adapter_config.json").is_file():
+                adapter = str(Path(adapter).resolve())
+                llm_kwargs.setdefault("max_lora_rank", vllm_lora_rank(adapter_max_rank(adapter)))
+                # Wrap only the modules the adapter adapts. Unrestricted, vLLM also wraps the logits
+                # processor (lm_head LoRA), whose CPU kernel breaks prompt logprobs (loglik) in vLLM 0.32.
+                mods = adapter_modules(adapter)
+                if mods:
+                    llm_kwargs.setdefault("lora_target_modules", mods)
+            elif Path(adapter).exists() or "max_lora_rank" not in llm_kwargs:
+                raise ConfigError(
+                    f"model.adapter {adapter!r}: no adapter_config.json there (expected a local PEFT adapter "
+                    "dir; for a remote one pass max_lora_rank to VLLMBackend)"
+                )
+            if llm_kwargs.get("enable_lora") is False:
+                raise ValueError("model.adapter is set but enable_lora=False was passed")
+            llm_kwargs["enable_lora"] = True
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest(lora_name=f"igds:{adapter}", lora_int_id=1, lora_path=adapter)
         patch: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if sae is not None:
             # The SAE stays on the CPU: only the sliced rows go to the model's device.
@@ -230,6 +315,39 @@ class VLLMBackend(GenerationBackend):
                 "vLLM loaded the model outside this process (multiprocessing or a distributed executor), "
                 "so the intervention could not be installed; run with VLLM_ENABLE_V1_MULTIPROCESSING=0 "
                 "and a single worker"
+            )
+        if self.lora is not None:
+            # Load (and validate: rank, DoRA, bias, modules_to_save, ...) the adapter now, not at the first request.
+            try:
+                self.llm.llm_engine.add_lora(self.lora)
+            except Exception as e:
+                self.close()
+                raise ConfigError(f"model.adapter {model.adapter!r}: vLLM cannot serve it ({type(e).__name__}: {e})") \
+                    from None
+        if self._layer is not None:
+            self._check_patch_in_model()
+        self._lora_logits = False
+        if self.lora is not None:
+            from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+            self._lora_logits = any(self.llm.apply_model(
+                lambda m: any(isinstance(x, LogitsProcessorWithLoRA) for x in m.modules())))
+
+    def _check_patch_in_model(self) -> None:
+        """Layer L of the model the engine runs must still be the patched module (LoRA or other wrappers
+        installed after loading could have replaced it, and the intervention would silently do nothing)."""
+        L, layer = self.sae_layer, self._layer
+
+        def find(model: nn.Module) -> str | None:
+            got = decoder_layers(model)[L]
+            return None if got is layer else type(got).__name__
+
+        found = [f for f in self.llm.apply_model(find)]
+        if any(f is not None for f in found):
+            self.close()
+            raise RuntimeError(
+                f"vLLM replaced decoder layer {L} after loading (now {found}), so the SAE intervention "
+                "would not run; this combination of vLLM options (e.g. LoRA) is not supported with interventions"
             )
 
     def _on_model_loaded(self, model: nn.Module) -> None:
@@ -330,7 +448,7 @@ class VLLMBackend(GenerationBackend):
         before = self.hook_calls
         self._load_state(intervention)
         try:
-            outs = self.llm.generate(reqs, list(params), use_tqdm=False)
+            outs = self.llm.generate(reqs, list(params), use_tqdm=False, lora_request=self.lora)
         finally:
             self._load_state(None)
         if intervention is not None and self.hook_calls == before:
@@ -366,6 +484,12 @@ class VLLMBackend(GenerationBackend):
 
         if len(prompts) != len(references):
             raise ValueError("prompts and references differ in length")
+        if self._lora_logits:
+            raise NotImplementedError(
+                "loglik with a LoRA on the LM head (or an adapter whose modules could not be read from "
+                "adapter_model.safetensors): vLLM 0.32 applies the LM-head LoRA per request, not per prompt "
+                "position, so prompt logprobs are wrong or fail; use the HF backend for loglik"
+            )
         if not prompts:
             return []
         p_ids = self.tok(list(prompts))["input_ids"]
@@ -387,6 +511,7 @@ class VLLMBackend(GenerationBackend):
         self.llm = None
         self._layer = None
         self.sae = None
+        self.lora = None
         if llm is not None:
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()

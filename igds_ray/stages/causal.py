@@ -132,6 +132,14 @@ def _feature_agreement(trials: list[dict]) -> dict[str, Any]:
     }
 
 
+def _root_error(err: BaseException | None) -> str:
+    """The original exception of a failed trial, not Ray's chain of wrappers around it."""
+    seen = 0
+    while err is not None and getattr(err, "cause", None) is not None and seen < 10:
+        err, seen = err.cause, seen + 1
+    return f"{type(err).__name__}: {err}"[-2000:] if err is not None else "unknown error (no metrics reported)"
+
+
 def choose(trials: list[dict], k: int) -> list[dict]:
     """Latents whose best delta > 0, ranked by best delta (then loglik gain, then recall rank); top k."""
     best: dict[int, dict] = {}
@@ -238,7 +246,7 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
         ok = res.error is None and "metric" in m
         trials.append({
             "feature": str(FeatureId(si.layer, cand["index"])), "index": cand["index"], "factor": cand["factor"],
-            "status": "ok" if ok else "error", "error": None if ok else str(res.error)[:2000],
+            "status": "ok" if ok else "error", "error": None if ok else _root_error(res.error),
             "metric": m.get("metric", float("nan")) if ok else float("nan"),
             "delta": m.get("delta", float("nan")) if ok else float("nan"),
             "loglik": m.get("loglik", float("nan")) if ok else float("nan"),
