@@ -293,28 +293,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
+    if tp in (int, float):
+        # bool is an int subclass in Python, but `true` is never a valid count or rate.
+        what = "an integer" if tp is int else "a number"
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -95,6 +95,18 @@ class FeatureSteer:
         return h + delta.to(h.dtype)
 
 
+def check_intervention(intervention: Intervention, sae: Any, sae_layer: int | None) -> None:
+    """Refuse an intervention the backend's SAE cannot apply (no SAE, another layer, a latent beyond d_sae)."""
+    if sae is None:
+        raise ValueError("this backend was built without an SAE: it cannot intervene on features")
+    if intervention.layer != sae_layer:
+        raise ValueError(f"intervention on layer {intervention.layer}, but the SAE reads layer {sae_layer}")
+    d_sae = int(sae.cfg.d_sae)
+    bad = [f for f in intervention.features if not 0 <= f < d_sae]
+    if bad:
+        raise ValueError(f"feature index {bad[0]} is out of range for an SAE of d_sae={d_sae}")
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The text up to the first stop string (vLLM's convention: the stop string is not included)."""
     cuts = [i for s in stop if s and (i := text.find(s)) != -1]

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from igds_ray.config import ModelConfig, SAEConfig
-from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, cut_at_stop
+from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, check_intervention, cut_at_stop
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_model, load_sae, load_tokenizer, resolve_device
 
 
@@ -34,14 +34,7 @@ class HFBackend(GenerationBackend):
     # -- interventions ------------------------------------------------------------------------
 
     def steer(self, intervention: Intervention) -> FeatureSteer:
-        if self.sae is None:
-            raise ValueError("this backend was built without an SAE: it cannot intervene on features")
-        if intervention.layer != self.sae_layer:
-            raise ValueError(f"intervention on layer {intervention.layer}, but the SAE reads layer {self.sae_layer}")
-        d_sae = int(self.sae.cfg.d_sae)
-        bad = [f for f in intervention.features if not 0 <= f < d_sae]
-        if bad:
-            raise ValueError(f"feature index {bad[0]} is out of range for an SAE of d_sae={d_sae}")
+        check_intervention(intervention, self.sae, self.sae_layer)
         key = tuple(intervention.features)
         if key not in self._steers:
             # The update is computed in float32 and added in the stream's dtype (bf16 on GPUs).

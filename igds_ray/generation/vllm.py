@@ -53,7 +53,7 @@ from torch import nn
 
 from igds_ray.config import ModelConfig, SAEConfig
 from igds_ray.errors import ConfigError
-from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, cut_at_stop
+from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, check_intervention, cut_at_stop
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_sae, load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -373,14 +373,7 @@ class VLLMBackend(GenerationBackend):
         return int(self._layer._igds_calls.item()) if self._layer is not None else 0
 
     def _check(self, intervention: Intervention) -> None:
-        if self.sae is None or self._layer is None:
-            raise ValueError("this backend was built without an SAE: it cannot intervene on features")
-        if intervention.layer != self.sae_layer:
-            raise ValueError(f"intervention on layer {intervention.layer}, but the SAE reads layer {self.sae_layer}")
-        d_sae = int(self.sae.cfg.d_sae)
-        bad = [f for f in intervention.features if not 0 <= f < d_sae]
-        if bad:
-            raise ValueError(f"feature index {bad[0]} is out of range for an SAE of d_sae={d_sae}")
+        check_intervention(intervention, self.sae if self._layer is not None else None, self.sae_layer)
         if len(intervention.features) > self.max_features:
             raise ValueError(
                 f"{len(intervention.features)} features in one intervention; this backend was built with "
