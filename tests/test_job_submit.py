@@ -1,0 +1,134 @@
+"""`ray job submit` the way docs/cluster.md submits to a cluster: a real Ray head with the dashboard on
+127.0.0.1 and token authentication on, this checkout uploaded as the job's working_dir with
+runtime_env.yaml, `python jobs/score_pool.py` scoring a tiny pool. Checks that the job API refuses
+callers without the token, that the job's Python imports `igds_ray` from the uploaded working_dir
+(not from an installed copy), that the upload leaves .venv behind, and that the job's outputs are
+complete.
+
+Needs Ray's dashboard (the job API lives there), i.e. `ray[default]`; skipped with the reason
+otherwise. Never calls `ray stop` (it would end every Ray on the machine): the head is stopped by
+its own process group (tests/test_cluster.py: RayHead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from tests.test_cluster import REPO, RayHead, dashboard_missing, ray_cli
+
+
+PROBE = (
+    "import os, sys; sys.path.pop(0); "  # drop cwd: leave sys.path as `python jobs/x.py` sees it
+    "import igds_ray; "
+    "print('IGDS_RAY_FILE=' + igds_ray.__file__); print('JOB_PYTHONPATH=' + os.environ.get('PYTHONPATH', ''))"
+)
+
+
+def cli(args: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([*ray_cli(), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_job_api(url: str, token: str, timeout: float = 120) -> None:
+    req = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as e:
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"job API at {url} not ready: {last}")
+
+
+def job_info(url: str, token: str, sub_id: str) -> dict:
+    req = urllib.request.Request(f"{url}/api/jobs/{sub_id}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_runtime_env_leaves_local_envs_behind() -> None:
+    excludes = yaml.safe_load((REPO / "runtime_env.yaml").read_text())["excludes"]
+    assert {".venv/", ".venv-*/", ".git/", "runs/"} <= set(excludes)
+
+
+@pytest.mark.skipif(dashboard_missing() is not None, reason=f"the job API needs the dashboard: {dashboard_missing()}")
+def test_ray_job_submit_with_token_auth(tmp_path: Path) -> None:
+    from igds_ray.demo.tiny import build_world
+
+    t_start = time.time()
+    world = build_world(tmp_path / "world", n_rows=48, n_files=2, architectures=("standard",))
+    out = tmp_path / "scores"
+    token = secrets.token_hex(32)  # made per run: a test token, never stored
+    # No inherited RAY_* (the suite sets RAY_AUTH_MODE=disabled; RAY_ADDRESS would redirect) and no
+    # PYTHONPATH: the job must find igds_ray through its working_dir alone.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
+    # `python` in the entrypoint is this interpreter, as it is the image's python on a cluster.
+    base.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+    with RayHead(num_cpus=2, env=env, dashboard=True) as head:
+        url = head.dashboard_url
+        wait_for_job_api(url, token)
+
+        # Token auth is on: no token, or a wrong one, is refused.
+        for bad in ({**base, "RAY_AUTH_MODE": "disabled"},
+                    {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}):
+            r = cli(["job", "list", "--address", url], bad, timeout=60)
+            assert r.returncode != 0 and re.search(r"Unauthorized|Forbidden|[Aa]uthentication", r.stdout + r.stderr)
+
+        sub_id = f"igds-test-{uuid.uuid4().hex[:8]}"
+        score = ["python", "jobs/score_pool.py", "--model", str(world.model_dir), "--sae", str(world.saes["standard"]),
+                 "--features", "l0_p3,l0_p17", "--pool", str(world.pool_dir), "--out", str(out),
+                 "--batch-size", "16", "--max-tokens", "128", "--token-budget", "2048"]
+        # Ray quotes each word after `--`; `sh -c` runs the probe, then the documented command.
+        entrypoint = ["sh", "-c", f"python -c {shlex.quote(PROBE)} && {shlex.join(score)}"]
+        t_submit = time.time()
+        try:
+            r = cli(["job", "submit", "--address", url, "--submission-id", sub_id, "--working-dir", ".",
+                     "--runtime-env", "runtime_env.yaml", "--", *entrypoint], env, timeout=420)
+        except subprocess.TimeoutExpired:
+            cli(["job", "stop", "--address", url, sub_id], env, timeout=60)
+            pytest.fail("the job did not finish in 420 s")
+        job_s = time.time() - t_submit
+        log = r.stdout + r.stderr
+        assert r.returncode == 0, log[-5000:]
+        info = job_info(url, token, sub_id)
+        assert info["status"] == "SUCCEEDED" and info["entrypoint"].startswith("sh -c"), info
+
+        # The job imported igds_ray from the uploaded working_dir, which sits first on its PYTHONPATH.
+        igds_file = Path(re.search(r"IGDS_RAY_FILE=(/\S+)", log).group(1))
+        job_path = re.search(r"JOB_PYTHONPATH=(/\S*)", log).group(1).split(os.pathsep)
+        wd = igds_file.parent.parent
+        assert wd.parent.name == "working_dir_files", igds_file
+        assert job_path[0] == str(wd)
+        assert (wd / "jobs" / "score_pool.py").exists()
+        # ... and the upload left the local environments and runs behind.
+        for heavy in (".venv", ".venv-vllm", ".git", "runs"):
+            assert not (wd / heavy).exists(), heavy
+        upload_mb = sum(f.stat().st_size for f in wd.rglob("*") if f.is_file()) / 2**20
+        assert upload_mb < 20, f"working_dir upload is {upload_mb:.1f} MiB"
+
+    # Outputs: a committed scores directory with one row per pool row.
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert manifest["rows"] == 48 and manifest["errors"] == 0
+    table = pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table()
+    assert table.num_rows == 48 and len(set(table.column("id").to_pylist())) == 48
+    print(f"\njob submit test: {time.time() - t_start:.0f} s total, job {job_s:.0f} s, upload {upload_mb:.2f} MiB")
