@@ -201,7 +201,7 @@ class Pipeline:
 
     # -- data ------------------------------------------------------------------------------------
 
-    def score_igds(self, arm: str, features: list[str]) -> str:
+    def score_igds(self, arms: list[str], features: list[str]) -> str:
         from igds_ray.stages import score
 
         c, s = self.cfg, self.cfg.score
@@ -213,7 +213,7 @@ class Pipeline:
                           batch_size=s.batch_size, min_actors=s.min_actors, max_actors=s.max_actors,
                           num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite)
         self.stage(f"score_{key}", "-", lambda: score.run(cfg), cpus=s.max_actors * s.num_cpus,
-                   gpus=s.max_actors * s.num_gpus, used_by=[arm], tokens=lambda m: m.get("tokens"),
+                   gpus=s.max_actors * s.num_gpus, used_by=arms, tokens=lambda m: m.get("tokens"),
                    rows=lambda m: m.get("rows"))
         return out
 
@@ -254,9 +254,14 @@ class Pipeline:
 
         c = self.cfg
         out: dict[str, str] = {}
+        by_features: dict[tuple[str, ...], list[str]] = {}
         for arm in c.arms:
             if arm in IGDS_ARMS:
-                out[arm] = self.select(arm, self.score_igds(arm, features[arm]))
+                by_features.setdefault(tuple(features[arm]), []).append(arm)
+        for feats, arms in by_features.items():
+            scores = self.score_igds(arms, list(feats))
+            for arm in arms:
+                out[arm] = self.select(arm, scores)
         by_scorer: dict[str, list[str]] = {}
         for arm in c.arms:
             if arm in BASELINE_ARMS:

@@ -87,8 +87,13 @@ def verdicts(rows: list[dict]) -> list[str]:
         if worse:
             out.append(f"- Below the base model ({ok[BASE]['metric']:.4f}): {', '.join(worse)}.")
     if ok:
-        best = max(ok.values(), key=lambda r: r["metric"])
-        out.append(f"- Best arm: **{best['arm']}** ({best['metric']:.4f}).")
+        values = {r["metric"] for r in ok.values()}
+        if len(values) == 1:
+            out.append(f"- Every arm, the base model included, scores {values.pop():.4f}: nothing beats anything.")
+        else:
+            top = max(values)
+            best = [a for a, r in ok.items() if r["metric"] == top]
+            out.append(f"- Best: **{', '.join(best)}** ({top:.4f}).")
     failed = [r["arm"] for r in rows if r["status"] != "ok"]
     if failed:
         out.append(f"- Failed arms (no metric): {', '.join(failed)}.")
