@@ -7,6 +7,7 @@ the field's declared type.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -298,14 +299,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         what = "an integer" if tp is int else "a number"
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        out = None
         if isinstance(value, int) or (tp is float and isinstance(value, float)):
-            return tp(value)
-        if isinstance(value, str):
+            out = tp(value)
+        elif isinstance(value, str):
             try:
-                return tp(value)
+                out = tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        if out is None or (tp is float and not math.isfinite(out)):
+            raise ConfigError(f"{key}: expected {'a finite number' if out is not None else what}, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value

@@ -91,6 +91,9 @@ def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threa
     files, has_id, id_type = [], None, pa.string()
     for path, rel, meta in metas:
         schema = meta.schema.to_arrow_schema()
+        for c in (*text_columns, *([id_column] if id_column else [])):
+            if schema.names.count(c) > 1:
+                raise PoolError(f"pool file {rel}: column {c!r} appears {schema.names.count(c)} times")
         missing = [c for c in text_columns if c not in schema.names]
         if missing:
             raise PoolError(
@@ -116,15 +119,25 @@ def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threa
             col = schema.names.index(id_column)
             for rg in range(meta.num_row_groups):
                 stats = meta.row_group(rg).column(col).statistics
-                if stats is not None and stats.has_null_count and stats.null_count > 0:
+                if stats is not None and stats.has_null_count:
+                    nulls = stats.null_count
+                else:  # no statistics in the footer: read just this column of this row group
+                    with fs.open_input_file(path) as fh:
+                        nulls = pq.ParquetFile(fh).read_row_group(rg, columns=[id_column]).column(0).null_count
+                if nulls > 0:
                     raise PoolError(f"pool file {rel}: id column {id_column!r} has null values (row group {rg})")
         files.append(PoolFile(path, rel, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))))
-    return Pool(uri, tuple(files), text_columns, id_column if has_id else None, id_type)
+    pool = Pool(uri, tuple(files), text_columns, id_column if has_id else None, id_type)
+    if pool.num_rows == 0:
+        raise PoolError(f"pool {uri}: its {len(files)} Parquet file(s) hold no rows")
+    return pool
 
 
 def _as_text(col: pa.ChunkedArray, name: str) -> tuple[list[str | None], list[str | None]]:
     """(values, errors) for one text column; a value that is not a usable string gets an error."""
     t = col.type
+    if pa.types.is_dictionary(t):  # e.g. pandas `category` columns: the values are what counts
+        return _as_text(col.cast(t.value_type), name)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         values = col.to_pylist()
         return values, [f"{name} is null" if v is None else None for v in values]

@@ -90,6 +90,14 @@ def model_info(cfg: ModelConfig) -> ModelInfo:
         )
     except Exception as e:  # transformers raises OSError/ValueError with long texts
         raise ConfigError(f"model {cfg.name_or_path!r}: cannot read its config ({type(e).__name__}: {e})") from None
+    local = Path(os.path.expanduser(cfg.name_or_path))
+    if local.is_dir():
+        patterns = ("*.safetensors", "*.bin", "*.pt") if cfg.allow_pickle else ("*.safetensors",)
+        if not any(next(local.glob(p), None) for p in patterns):
+            raise ConfigError(
+                f"model {cfg.name_or_path!r}: no {'weights' if cfg.allow_pickle else 'safetensors weights'} "
+                "in this directory" + ("" if cfg.allow_pickle else " (pickle-based .bin files need model.allow_pickle)")
+            )
     text_cfg = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     return ModelInfo(int(text_cfg.hidden_size), int(text_cfg.num_hidden_layers), str(hf.model_type))
 
@@ -114,6 +122,8 @@ def _sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
 
 def sae_info(cfg: SAEConfig) -> SAEInfo:
     d = _sae_cfg_dict(cfg)
+    if cfg.path is not None and not (Path(cfg.path) / "sae_weights.safetensors").is_file():
+        raise ConfigError(f"sae.path {cfg.path!r}: no sae_weights.safetensors there")
     meta = d.get("metadata") or {}
     hook_name = meta.get("hook_name") or d.get("hook_name") or ""
     try:
