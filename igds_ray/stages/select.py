@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from igds_ray import schema as S
 from igds_ray.config import SelectConfig, to_dict
 from igds_ray.errors import ConfigError
+from igds_ray.pool import _as_text
 from igds_ray.storage import StageDir, filesystem, join
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ def _fetch_rows(group: pa.Table, pool_uri: str, text_columns: list[str]) -> pa.T
     picked = table.take(rows)
     out = group
     for name in text_columns:
-        out = out.append_column(name, picked.column(name))
+        # The reader's normalisation: every file's text becomes large_string, whatever it was stored as
+        # (string, binary, dictionary), so the blocks of different files concatenate.
+        values, _ = _as_text(picked.column(name), name)
+        out = out.append_column(name, pa.array(values, pa.large_string()))
     return out
 
 
