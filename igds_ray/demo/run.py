@@ -1,81 +1,162 @@
-"""`igds demo`: the embedded tiny default, end to end on whatever Ray is at hand.
+"""`igds demo`: the embedded default, the whole IGDS pipeline on a world built from seeds and code.
 
-For now (foundation stage) it builds a tiny world in code — tokenizer, Llama-shaped model with
-seeded random weights, a calibrated JumpReLU SAE, a mixed Parquet pool — picks the two latents
-most often active at the last prompt token of the pool's math prompts (a quick in-process
-stand-in until the recall + causal stages land), scores the pool on Ray Data, keeps the top
-half and prints the top of the ranking. Everything lands under `--run-dir` as the run-directory
-contract lays it out.
+1. Build the world (`igds_ray.demo.world`): toy math/translation/summarization tasks, a mixed-quality
+   Parquet pool, a tiny Llama pretrained here until it solves some of the math, an SAE trained on its
+   residual stream with sae-lens's own training runner. Cached in `<run-dir>/world/` (same spec = reused).
+2. Run `igds run` on it (`igds_ray.pipeline`): recall + causal filtering on Ray Tune, scoring on Ray
+   Data, every arm selected, fine-tuned with Ray Train + peft, evaluated, reported — the same code
+   and the same run-directory layout as on a cluster with Gemma-2-2B.
+3. With `--seeds N`, the pipeline is repeated with seeds 0..N-1 on the same world (seed = the random
+   baseline's draw, LoRA init, data order) and `<run-dir>/seeds.md` tabulates each arm's mean and spread.
+
+`--quick` is a smaller world and fewer arms, for CI and a first look (a few minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
-import pandas as pd
-import torch
+from igds_ray.pipeline import BASELINE_ARMS, IGDS_ARMS
 
-from igds_ray.config import ScoreConfig, SelectConfig, from_dict
-
-
-def quick_features(world, n_prompts: int = 64, k: int = 2) -> list[str]:  # noqa: ANN001
-    """The k latents most often active (then highest mean) at the last token of math prompts."""
-    from sae_lens import SAE
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from igds_ray.models.runner import LayerRunner
-
-    tok = AutoTokenizer.from_pretrained(world.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(world.model_dir).eval()
-    sae = SAE.load_from_disk(world.saes["jumprelu"])
-    rows = pd.read_parquet(world.pool_dir)
-    prompts = [p for p in rows["prompt"] if "How many" in p][:n_prompts]
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    hidden = LayerRunner(model, world.layer, prune=False)(enc["input_ids"], enc["attention_mask"])
-    last = enc["attention_mask"].sum(1) - 1
-    with torch.no_grad():
-        acts = sae.encode(hidden[torch.arange(len(prompts)), last])
-    freq = (acts > 0).float().mean(0)
-    mean = acts.mean(0)
-    order = sorted(range(acts.shape[1]), key=lambda j: (-float(freq[j]), -float(mean[j]), j))
-    return [f"l{world.layer}_p{j}" for j in order[:k]]
+ALL_ARMS = (*IGDS_ARMS, *BASELINE_ARMS)
+QUICK_ARMS = ("igds", "full", "random")
 
 
-def run_demo(run_dir: str, rows: int = 2000, seed: int = 0, top: int = 10) -> dict:
-    from igds_ray.demo.tiny import build_world
-    from igds_ray.stages import score, select
+def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, arms: tuple[str, ...] | None = None,
+                overrides: dict | None = None) -> Any:
+    """The RunConfig the demo runs: the world's files, the math task, settings sized for 2 CPUs."""
+    from igds_ray.config import from_dict
+    from igds_ray.pipeline import RunConfig
+
+    spec = world.spec
+    cfg: dict[str, Any] = dict(
+        model=dict(name_or_path=str(world.model_dir), dtype="float32", device="cpu"),
+        sae=dict(path=str(world.sae_dir)),
+        task=dict(name="math", source=str(world.task_file("math", "recall")), split=None,
+                  dev_source=str(world.task_file("math", "dev")), dev_split=None),
+        pool=dict(path=str(world.pool_dir), prompt_column="prompt", response_column="response", id_column="id",
+                  rows_per_read_task=max(100, spec.pool_rows // (2 * spec.pool_files))),
+        run_dir=run_dir,
+        fraction=0.5,
+        arms=list(arms or (QUICK_ARMS if quick else ALL_ARMS)),
+        # Every prompt token (max over them), three templates per example. At the last prompt token
+        # alone a sparse SAE (L0 ~8) has about one latent active on > 60% of prompts, and it marks
+        # "an answer starts here" for every task alike (measured: see BENCHMARKS.md, demo).
+        recall=dict(limit=spec.n_recall, templates=[0, 1, 2], positions="all", min_frequency=0.6, top_n=8,
+                    batch_size=256),
+        causal=dict(factors=[0.0, 4.0] if quick else [0.0, 2.0, 4.0, 8.0], k=1, dev_limit=spec.n_dev, min_dev=50,
+                    template=1, max_new_tokens=16, gen_batch_size=256, loglik=True, fallback="top_recall"),
+        # Max over the example's tokens, matching where recall looked for the features.
+        score=dict(pooling="max", max_tokens=128, batch_size=max(100, spec.pool_rows // 8), max_actors=1),
+        baselines=dict(lm=dict(max_tokens=128), zip=dict()),
+        # Full fine-tuning: the model has 0.3M parameters, and LoRA (r 16, lr 3e-3, 4 epochs) moved the
+        # math accuracy of no arm by more than 2 points in a measured run (BENCHMARKS.md, demo).
+        finetune=dict(method="full", lr=1e-3, epochs=2 if quick else 5, batch_size=32, max_tokens=128,
+                      warmup_ratio=0.05, schedule="linear", log_every=50),
+        evaluate=dict(source=str(world.task_file("math", "test")), split=None, limit=None, template=1,
+                      max_new_tokens=16, batch_size=150),
+        report=dict(label_column="kind"),
+        no_recall_candidates=8,
+        seed=seed,
+    )
+    for key, val in (overrides or {}).items():
+        if isinstance(val, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **val}
+        else:
+            cfg[key] = val
+    return from_dict(RunConfig, cfg)
+
+
+def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str | None = None,
+             arms: tuple[str, ...] | None = None, progress: bool = True, overrides: dict | None = None) -> dict:
+    """Build (or reuse) the world and run the pipeline `seeds` times; returns a summary dict."""
+    from igds_ray.demo.world import WorldSpec, build_world
+    from igds_ray.pipeline import run as run_pipeline
+    from igds_ray.stages.score import init_ray
 
     root = Path(run_dir).resolve()
-    t0 = time.time()
-    world_dir = root / "world"
-    print(f"[demo] building the tiny world in {world_dir} ...", flush=True)
-    world = build_world(world_dir, n_rows=rows, n_files=4, hidden_size=128, num_layers=4, layer=1,
-                        d_sae=256, architectures=("jumprelu",), seed=seed)
-    features = quick_features(world)
-    (root / "features").mkdir(parents=True, exist_ok=True)
-    (root / "features" / "features.json").write_text(json.dumps(
-        {"features": features, "method": "quick frequency pick (stand-in for recall + causal filtering)"}, indent=2))
-    print(f"[demo] features: {', '.join(features)}  ({time.time() - t0:.1f}s)", flush=True)
+    t0 = time.perf_counter()
+    spec = WorldSpec.quick() if quick else WorldSpec()
+    wdir = Path(world_dir).resolve() if world_dir else root / "world"
+    say = print if progress else (lambda *a, **k: None)
+    say(f"[demo] world: {wdir} ({'quick' if quick else 'full'} spec {spec.key()})", flush=True)
+    world = build_world(wdir, spec, progress=progress)
+    st = world.stats
+    say(f"[demo] world ready in {time.perf_counter() - t0:.0f}s: base model {st['params']:,} parameters, math dev "
+        f"accuracy {st['base_dev_accuracy']:.1%}; SAE {spec.d_sae} latents at layer {spec.layer}, "
+        f"variance explained {st['sae'].get('fve', float('nan')):.3f}", flush=True)
+    init_ray()
+    runs = []
+    for s in range(seeds):
+        rdir = root if seeds == 1 else root / f"seed-{s}"
+        cfg = demo_config(world, str(rdir), quick=quick, seed=s, arms=arms, overrides=overrides)
+        ts = time.perf_counter()
+        say(f"[demo] pipeline{'' if seeds == 1 else f' seed {s}'}: arms {', '.join(cfg.arms)} -> {rdir}", flush=True)
+        report = run_pipeline(cfg)
+        metrics = json.loads((rdir / "eval" / "metrics.json").read_text())
+        runs.append({"seed": s, "run_dir": str(rdir), "report": report, "wall_s": round(time.perf_counter() - ts, 1),
+                     "metrics": {a: i.get("metrics", {}).get("metric") for a, i in metrics["arms"].items()},
+                     "features": metrics.get("features")})
+        say(f"[demo] seed {s} done in {runs[-1]['wall_s']:.0f}s: "
+            + ", ".join(f"{a} {m:.3f}" for a, m in runs[-1]["metrics"].items() if m is not None), flush=True)
+    summary = {"world": str(wdir), "world_stats": st, "runs": runs, "wall_s": round(time.perf_counter() - t0, 1)}
+    if seeds > 1:
+        summary["table"] = seeds_table(runs)
+        (root / "seeds.md").write_text(render_seeds(summary))
+        (root / "seeds.json").write_text(json.dumps(summary, indent=2, default=str))
+        say(render_seeds(summary), flush=True)
+    else:
+        say((root / "report" / "report.md").read_text(), flush=True)
+    say(f"[demo] done in {summary['wall_s']:.0f}s; report: {runs[-1]['report']}", flush=True)
+    return summary
 
-    scfg = from_dict(ScoreConfig, dict(
-        model=str(world.model_dir), sae=str(world.saes["jumprelu"]), features=features,
-        pool=dict(path=str(world.pool_dir), rows_per_read_task=500), out=str(root / "scores"),
-        pooling="last", batch_size=250, min_actors=1, max_actors=2, overwrite=True,
-    ))
-    sm = score.run(scfg)
-    print(f"[demo] scored {sm['rows']} rows ({sm['errors']} errors) in {sm['wall_s']:.1f}s", flush=True)
-    sel = select.run(from_dict(SelectConfig, dict(scores=str(root / "scores"), out=str(root / "selection"),
-                                                 fraction=0.5, overwrite=True)))
-    chosen = pd.read_parquet(root / "selection" / "igds.parquet").sort_values("rank")
-    print(f"[demo] kept {sel['rows']} of {sel['rows_scored']} rows -> {root / 'selection' / 'igds.parquet'}")
-    pd.set_option("display.width", 160)
-    pd.set_option("display.max_colwidth", 60)
-    print(chosen[["rank", "score", "prompt", "response"]].head(top).to_string(index=False))
-    is_math = chosen["prompt"].str.contains("How many")
-    all_rows = pd.read_parquet(world.pool_dir)
-    share_pool = float(all_rows["prompt"].str.contains("How many").mean())
-    print(f"[demo] math share: selected {float(is_math.mean()):.1%} vs pool {share_pool:.1%}; "
-          f"total {time.time() - t0:.1f}s")
-    return {"scores": sm, "selection": sel, "features": features}
+
+def seeds_table(runs: list[dict]) -> list[dict]:
+    """Per arm: mean, sample standard deviation, min, max of the test metric over seeds."""
+    arms: dict[str, list[float]] = {}
+    for r in runs:
+        for arm, m in r["metrics"].items():
+            if m is not None:
+                arms.setdefault(arm, []).append(m)
+    base = statistics.mean(arms["base"]) if arms.get("base") else math.nan
+    full = statistics.mean(arms["full"]) if arms.get("full") else math.nan
+    out = []
+    for arm, vals in arms.items():
+        mean = statistics.mean(vals)
+        out.append({"arm": arm, "n": len(vals), "mean": mean, "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "min": min(vals), "max": max(vals), "d_base": mean - base, "d_full": mean - full,
+                    "values": vals})
+    return sorted(out, key=lambda r: -r["mean"])
+
+
+def render_seeds(summary: dict) -> str:
+    rows = summary["table"]
+    n = max(r["n"] for r in rows)
+    lines = [f"# Demo over {n} seeds (math test accuracy)", "",
+             "| arm | mean | std | min | max | Δ vs full | Δ vs base | per seed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | {r['max']:.4f} | "
+                     f"{r['d_full']:+.4f} | {r['d_base']:+.4f} | {', '.join(f'{v:.3f}' for v in r['values'])} |")
+    by = {r["arm"]: r for r in rows}
+    lines += ["", "## Verdict", ""]
+    if "igds" in by:
+        ig = by["igds"]
+        for other in sorted(by):
+            if other == "igds":
+                continue
+            o = by[other]
+            diff = ig["mean"] - o["mean"]
+            # Unpaired standard error of the difference of two means over seeds.
+            se = math.sqrt(ig["std"] ** 2 / ig["n"] + o["std"] ** 2 / o["n"]) if n > 1 else math.nan
+            verdict = ("beats" if diff > 2 * se else "loses to" if diff < -2 * se else "ties with") if se > 0 else (
+                "beats" if diff > 0 else "loses to" if diff < 0 else "ties with")
+            lines.append(f"- igds {verdict} {other}: {diff:+.4f} (±2 SE {2 * se:.4f})")
+    feats = [r.get("features") for r in summary["runs"]]
+    lines += ["", f"IGDS features per seed: {feats}", ""]
+    return "\n".join(lines)

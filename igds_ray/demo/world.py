@@ -1,0 +1,477 @@
+"""The demo world: three toy tasks and a mixed-quality data pool, generated from a seed.
+
+Everything is templated text, so it is deterministic, needs no hub and holds exact labels:
+- **math**: one-step word problems (add or subtract a number up to 19) with a worked answer in
+  GSM8K's form, ``"17 + 5 = 22\\n#### 22"``;
+- **translation**: English -> French on a 40-word toy vocabulary with French word order (adjective
+  after the noun), scored with chrF;
+- **summarization**: three-sentence news items whose first sentence is the summary (ROUGE-L).
+
+The pool mixes every quality a real instruction pool has, each row labelled in a `kind` column the
+pipeline never reads (the report uses it to show what each arm kept): correct math, math with wrong
+answers (off by 1-5, consistently in the worked line and after ``####``), truncated math (cut before
+the answer), near-duplicates of math rows, task-like rows that are not arithmetic (read a number
+back, arithmetic in another format), translation and summarization pairs, number-heavy prose and
+general chat. Dev and test problems never occur in the pool (no question string is shared).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+NAMES = ("Tom", "Ann", "Ben", "Mia", "Sam", "Lea", "Max", "Eva", "Leo", "Zoe", "Ivy", "Kai")
+OBJECTS = ("apple", "pear", "stone", "card", "book", "shell", "coin", "bead", "cake", "kite")
+WEATHER = ("sunny", "cloudy", "cool", "bright", "windy")
+
+ADD_TEMPLATES = (
+    "{n} has {a} {o}s and buys {b} more. How many {o}s does {n} have now?",
+    "{n} picked {a} {o}s in the morning and {b} in the afternoon. How many {o}s did {n} pick in all?",
+    "There are {a} {o}s in a box. {n} puts in {b} more. How many {o}s are in the box?",
+)
+SUB_TEMPLATES = (
+    "{n} has {a} {o}s and gives {b} to a friend. How many {o}s does {n} have left?",
+    "{n} had {a} {o}s and lost {b} of them. How many {o}s are left?",
+    "A shop has {a} {o}s and sells {b}. How many {o}s does the shop have now?",
+)
+
+# Toy English -> French: nouns (all masculine), adjectives (placed after the noun), verbs.
+NOUNS = {"cat": "chat", "dog": "chien", "bird": "oiseau", "horse": "cheval", "boy": "garçon",
+         "man": "homme", "bread": "pain", "book": "livre", "tree": "arbre", "train": "train"}
+ADJECTIVES = {"red": "rouge", "black": "noir", "small": "petit", "tall": "grand", "old": "vieux",
+              "young": "jeune", "happy": "heureux", "green": "vert", "blue": "bleu", "white": "blanc"}
+VERBS = {"sleeps": "dort", "eats": "mange", "runs": "court", "sings": "chante", "waits": "attend",
+         "falls": "tombe", "reads": "lit", "plays": "joue", "works": "travaille", "stays": "reste"}
+
+CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Quito", "Dakar", "Perth", "Lyon")
+PLACES = ("library", "bridge", "school", "market", "museum", "park", "station", "hospital", "stadium", "theater")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+FILLERS = (
+    "Many people came to see it.", "The weather was {w} and mild.", "Local shops stayed open late.",
+    "The mayor gave a short speech.", "Children played near the river.", "A band played in the square.",
+    "Tickets were free for everyone.", "The work took {k} months.", "Buses ran every {k} minutes.",
+    "Visitors took many photos.",
+)
+ANIMALS = ("cat", "dog", "bird", "horse", "fox", "owl", "bear", "wolf", "frog", "duck")
+FACTS = (
+    "The {a} lives near the river and likes to sleep in the sun.",
+    "A {a} can be very quiet at night.",
+    "The old {a} walks slowly through the forest.",
+    "In winter the {a} stays close to its home.",
+    "Every morning the {a} looks for food in the field.",
+)
+CHAT_PROMPTS = ("Tell me about the {a}.", "Write a sentence about a {a}.", "Describe the {a} in one line.")
+
+
+@dataclass(frozen=True)
+class MathProblem:
+    a: int
+    b: int
+    op: str  # "+" or "-"
+    template: int
+    name: str
+    obj: str
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b if self.op == "+" else self.a - self.b
+
+    @property
+    def question(self) -> str:
+        t = (ADD_TEMPLATES if self.op == "+" else SUB_TEMPLATES)[self.template]
+        return t.format(n=self.name, a=self.a, b=self.b, o=self.obj)
+
+    def worked(self, answer: int | None = None) -> str:
+        c = self.answer if answer is None else answer
+        return f"{self.a} {self.op} {self.b} = {c}\n#### {c}"
+
+
+def math_problem(rng: random.Random) -> MathProblem:
+    # Sums of up to 49 + 19 and differences from up to 68: hard enough that the tiny base model gets
+    # a minority right after pretraining, so fine-tuning data has room to help (or hurt).
+    op = rng.choice("+-")
+    b = rng.randint(1, 19)
+    a = rng.randint(2, 49) if op == "+" else rng.randint(b + 1, 68)
+    return MathProblem(a, b, op, rng.randrange(3), rng.choice(NAMES), rng.choice(OBJECTS))
+
+
+def translation_pair(rng: random.Random) -> tuple[str, str]:
+    """('the small dog eats', 'le chien petit mange'); sometimes two clauses joined by 'and'."""
+    def clause() -> tuple[str, str]:
+        n, a, v = rng.choice(list(NOUNS)), rng.choice(list(ADJECTIVES)), rng.choice(list(VERBS))
+        return f"the {a} {n} {v}", f"le {NOUNS[n]} {ADJECTIVES[a]} {VERBS[v]}"
+
+    en, fr = clause()
+    if rng.random() < 0.3:
+        en2, fr2 = clause()
+        en, fr = f"{en} and {en2}", f"{fr} et {fr2}"
+    return en, fr
+
+
+def summary_item(rng: random.Random) -> tuple[str, str]:
+    """(three-sentence article, its first sentence)."""
+    lead = f"{rng.choice(CITIES)} opened a new {rng.choice(PLACES)} on {rng.choice(DAYS)}."
+    rest = [f.format(w=rng.choice(WEATHER), k=rng.randint(2, 12)) for f in rng.sample(FILLERS, 2)]
+    return " ".join([lead, *rest]), lead
+
+
+def number_prose(rng: random.Random) -> str:
+    n, o = rng.choice(NAMES), rng.choice(OBJECTS)
+    return rng.choice((
+        f"{n} keeps {rng.randint(2, 29)} {o}s on the shelf and {rng.randint(1, 9)} in a bag.",
+        f"The train leaves at {rng.randint(1, 12)} and room {rng.randint(2, 29)} is on floor {rng.randint(1, 9)}.",
+        f"Bus {rng.randint(2, 29)} stops {rng.randint(1, 9)} times before the {rng.choice(PLACES)}.",
+    ))
+
+
+# --------------------------------------------------------------------------------------------
+# task sets and the pool
+
+
+def math_sets(seed: int, n_recall: int, n_dev: int, n_test: int) -> tuple[list[dict], list[dict], list[dict], set[str]]:
+    """Disjoint recall/dev/test problems (rows with question/answer) and the questions they use."""
+    rng = random.Random(seed * 1009 + 17)
+    seen: set[str] = set()
+    out: list[list[dict]] = []
+    for n in (n_recall, n_dev, n_test):
+        rows: list[dict] = []
+        while len(rows) < n:
+            p = math_problem(rng)
+            if p.question in seen:
+                continue
+            seen.add(p.question)
+            rows.append({"id": f"math-{len(seen)}", "question": p.question, "answer": p.worked()})
+        out.append(rows)
+    return out[0], out[1], out[2], seen
+
+
+def translation_sets(seed: int, n_recall: int, n_dev: int, n_test: int) -> tuple[list[dict], list[dict], list[dict], set[str]]:
+    rng = random.Random(seed * 1013 + 19)
+    return _disjoint(lambda: translation_pair(rng), (n_recall, n_dev, n_test), "tr", ("source", "reference"))
+
+
+def summarization_sets(seed: int, n_recall: int, n_dev: int, n_test: int) -> tuple[list[dict], list[dict], list[dict], set[str]]:
+    rng = random.Random(seed * 1019 + 23)
+    return _disjoint(lambda: summary_item(rng), (n_recall, n_dev, n_test), "sum", ("article", "summary"))
+
+
+def _disjoint(draw: Callable[[], tuple[str, str]], sizes: tuple[int, ...], prefix: str,
+              columns: tuple[str, str]) -> tuple[list[dict], list[dict], list[dict], set[str]]:
+    seen: set[str] = set()
+    out: list[list[dict]] = []
+    for n in sizes:
+        rows: list[dict] = []
+        while len(rows) < n:
+            src, ref = draw()
+            if src in seen:
+                continue
+            seen.add(src)
+            rows.append({"id": f"{prefix}-{len(seen)}", columns[0]: src, columns[1]: ref})
+        out.append(rows)
+    return out[0], out[1], out[2], seen
+
+
+# Pool composition (fractions of the pool); the `kind` column holds these names.
+POOL_MIX: dict[str, float] = {
+    "math_correct": 0.30,
+    "math_wrong": 0.15,
+    "math_truncated": 0.05,
+    "math_near_duplicate": 0.05,
+    "math_like_lookup": 0.08,  # "How many X does N have?" where the number is read back, no arithmetic
+    "math_other_format": 0.05,  # "What is 7 plus 5?" -> "12" (no worked answer, no ####)
+    "translation": 0.09,
+    "summarization": 0.09,
+    "number_prose": 0.07,
+    "chat": 0.07,
+}
+ON_TASK_CLEAN = "math_correct"
+
+
+def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_prompt: Callable[[str], str],
+              summarization_prompt: Callable[[str], str], held_out: set[str]) -> list[dict]:
+    """`n` pool rows (prompt, response, kind) in a seeded shuffled order; no held-out source appears."""
+    rng = random.Random(seed * 1031 + 29)
+    counts = {k: int(round(f * n)) for k, f in POOL_MIX.items()}
+    counts["math_correct"] += n - sum(counts.values())
+    rows: list[dict] = []
+    math_rows: list[tuple[MathProblem, int]] = []
+
+    def fresh_math() -> MathProblem:
+        while True:
+            p = math_problem(rng)
+            if p.question not in held_out:
+                return p
+
+    for _ in range(counts["math_correct"]):
+        p = fresh_math()
+        math_rows.append((p, p.answer))
+        rows.append({"prompt": math_prompt(p.question), "response": p.worked(), "kind": "math_correct", "correct": True})
+    for _ in range(counts["math_wrong"]):
+        p = fresh_math()
+        delta = rng.randint(1, 5)
+        wrong = p.answer - delta if rng.random() < 0.5 and p.answer - delta >= 0 else p.answer + delta
+        math_rows.append((p, wrong))
+        rows.append({"prompt": math_prompt(p.question), "response": p.worked(wrong), "kind": "math_wrong",
+                     "correct": False})
+    for _ in range(counts["math_truncated"]):
+        p = fresh_math()
+        rows.append({"prompt": math_prompt(p.question), "response": f"{p.a} {p.op} {p.b} =", "kind": "math_truncated"})
+    for _ in range(counts["math_near_duplicate"]):
+        p, ans = rng.choice(math_rows)
+        q = p.question.replace(" How", "  How") if rng.random() < 0.5 else p.question.rstrip("?") + " ?"
+        rows.append({"prompt": math_prompt(q), "response": p.worked(ans), "kind": "math_near_duplicate",
+                     "correct": ans == p.answer})
+    for _ in range(counts["math_like_lookup"]):
+        n_, o1, o2 = rng.choice(NAMES), *rng.sample(OBJECTS, 2)
+        a, b = rng.randint(2, 29), rng.randint(1, 9)
+        q = f"{n_} has {a} {o1}s and {b} {o2}s. How many {o1}s does {n_} have?"
+        rows.append({"prompt": math_prompt(q), "response": f"{n_} has {a} {o1}s.\n#### {a}", "kind": "math_like_lookup"})
+    for _ in range(counts["math_other_format"]):
+        p = fresh_math()
+        word = "plus" if p.op == "+" else "minus"
+        rows.append({"prompt": f"What is {p.a} {word} {p.b}?\n", "response": str(p.answer), "kind": "math_other_format"})
+    for _ in range(counts["translation"]):
+        while True:
+            en, fr = translation_pair(rng)
+            if en not in held_out:
+                break
+        rows.append({"prompt": translation_prompt(en), "response": fr, "kind": "translation"})
+    for _ in range(counts["summarization"]):
+        while True:
+            art, lead = summary_item(rng)
+            if art not in held_out:
+                break
+        rows.append({"prompt": summarization_prompt(art), "response": lead, "kind": "summarization"})
+    for _ in range(counts["number_prose"]):
+        rows.append({"prompt": "Write a sentence with numbers.\n", "response": number_prose(rng), "kind": "number_prose"})
+    for _ in range(counts["chat"]):
+        a = rng.choice(ANIMALS)
+        rows.append({"prompt": rng.choice(CHAT_PROMPTS).format(a=a) + "\n",
+                     "response": rng.choice(FACTS).format(a=a), "kind": "chat"})
+    rng.shuffle(rows)
+    for i, r in enumerate(rows):
+        r["id"] = f"pool-{i:06d}"
+        r.setdefault("correct", None)
+    return rows
+
+
+def pretraining_documents(seed: int, math_prompt: Callable[[str], str], translation_prompt: Callable[[str], str],
+                          summarization_prompt: Callable[[str], str], held_out: set[str],
+                          math_share: float = 0.3) -> Iterator[str]:
+    """An endless seeded stream of documents for the base model: a general mixture in which worked
+    math is `math_share` of the documents (correct answers only), the rest translation, summaries,
+    arithmetic facts, number prose and chat. Held-out dev/test sources never appear."""
+    rng = random.Random(seed * 1049 + 31)
+    other = (1.0 - math_share) / 5
+    while True:
+        r = rng.random()
+        if r < math_share:
+            p = math_problem(rng)
+            if p.question in held_out:
+                continue
+            yield math_prompt(p.question) + p.worked()
+        elif r < math_share + other:
+            p = math_problem(rng)
+            yield f"{p.a} {p.op} {p.b} = {p.answer}"
+        elif r < math_share + 2 * other:
+            en, fr = translation_pair(rng)
+            if en not in held_out:
+                yield translation_prompt(en) + fr
+        elif r < math_share + 3 * other:
+            art, lead = summary_item(rng)
+            if art not in held_out:
+                yield summarization_prompt(art) + lead
+        elif r < math_share + 4 * other:
+            yield number_prose(rng)
+        else:
+            a = rng.choice(ANIMALS)
+            yield rng.choice(CHAT_PROMPTS).format(a=a) + "\n" + rng.choice(FACTS).format(a=a)
+
+
+# --------------------------------------------------------------------------------------------
+# building the world on disk
+
+WORLD_JSON = "world.json"
+TASKS = ("math", "translation", "summarization")
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Everything that determines the world; its hash names a reusable build."""
+
+    seed: int = 0
+    pool_rows: int = 2000
+    pool_files: int = 4
+    n_recall: int = 200
+    n_dev: int = 500
+    n_test: int = 300
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 2
+    intermediate_size: int = 256
+    pretrain_steps: int = 800
+    pretrain_batch: int = 48
+    pretrain_seq_len: int = 64
+    pretrain_lr: float = 3e-3
+    math_share: float = 0.5
+    layer: int = 2
+    d_sae: int = 512
+    sae_architecture: str = "batchtopk"  # sae-lens saves it as JumpReLU: sliceable by the k-feature encoder
+    sae_k: int = 8
+    sae_tokens: int = 500_000
+    sae_lr: float = 1e-3
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "WorldSpec":
+        return cls(seed=seed, pool_rows=800, pool_files=2, n_recall=100, n_dev=200, n_test=150,
+                   pretrain_steps=500, sae_tokens=200_000)
+
+    def key(self) -> str:
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class DemoWorld:
+    root: Path
+    spec: WorldSpec
+    model_dir: Path
+    sae_dir: Path
+    pool_dir: Path
+    stats: dict
+
+    def task_file(self, task: str, split: str) -> Path:
+        return self.root / "tasks" / task / f"{split}.parquet"
+
+
+def prompt_formats() -> tuple[Callable[[str], str], Callable[[str], str], Callable[[str], str]]:
+    """How each task's prompt is written in the pool and in pretraining: the tasks' template 1
+    ("Question: ...\\nAnswer:\\n"; "English: ...\\nFrench:\\n"; "...\\n\\nTL;DR:\\n"), the templates
+    the demo evaluates with, so fine-tuning data and evaluation prompts agree."""
+    from igds_ray.tasks.math import MATH_TEMPLATES
+    from igds_ray.tasks.summarization import SUMMARIZATION_TEMPLATES
+    from igds_ray.tasks.translation import TRANSLATION_TEMPLATES
+
+    return (lambda q: MATH_TEMPLATES[1].format(source=q),
+            lambda s: TRANSLATION_TEMPLATES[1].format(src_lang="English", tgt_lang="French", source=s),
+            lambda s: SUMMARIZATION_TEMPLATES[1].format(source=s))
+
+
+def math_accuracy(model: Any, tok: Any, rows: list[dict], max_new_tokens: int = 16, batch: int = 128) -> float:
+    """Greedy exact-match accuracy on math rows (question/answer), scored by the math task."""
+    import torch
+
+    from igds_ray.tasks.math import MathTask
+
+    task = MathTask()
+    fmt = prompt_formats()[0]
+    tok.padding_side = "left"
+    correct = 0
+    for i in range(0, len(rows), batch):
+        part = rows[i:i + batch]
+        enc = tok([fmt(r["question"]) for r in part], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for t, r in zip(texts, part):
+            ans = task.extract(t)
+            correct += ans is not None and ans == task.extract(r["answer"])
+    return correct / max(1, len(rows))
+
+
+def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool = True) -> DemoWorld:
+    """Build (or reuse, when `root/world.json` holds the same spec) the demo world under `root`.
+
+    Writes into a temporary sibling directory and renames it into place when complete, so an
+    interrupted build leaves nothing a rerun would trust.
+    """
+    import itertools
+    import json
+    import shutil
+    import time
+    import uuid
+    from dataclasses import asdict
+
+    import pandas as pd
+    import torch
+
+    from igds_ray.demo.pretrain import pretrain, save
+    from igds_ray.demo.sae_train import train_sae
+    from igds_ray.demo.tiny import build_llama, build_tokenizer
+
+    root = Path(root).resolve()
+    meta = root / WORLD_JSON
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("key") == spec.key():
+            return _world(root, spec, info["stats"])
+        if progress:
+            print(f"[world] {root} holds another world (key {info.get('key')}); rebuilding", flush=True)
+    if root.exists() and any(root.iterdir()) and not meta.exists():
+        raise FileExistsError(f"{root} exists, is not empty and is not a demo world: choose another --run-dir")
+    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        stats: dict[str, Any] = {}
+        mp, tp, sp = prompt_formats()
+        m_rec, m_dev, m_test, m_held = math_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
+        t_rec, t_dev, t_test, t_held = translation_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
+        s_rec, s_dev, s_test, s_held = summarization_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
+        held = m_held | t_held | s_held
+        for task, sets in (("math", (m_rec, m_dev, m_test)), ("translation", (t_rec, t_dev, t_test)),
+                           ("summarization", (s_rec, s_dev, s_test))):
+            (tmp / "tasks" / task).mkdir(parents=True)
+            for split, rows in zip(("recall", "dev", "test"), sets):
+                pd.DataFrame(rows).to_parquet(tmp / "tasks" / task / f"{split}.parquet", index=False)
+        rows = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held)
+        from igds_ray.demo.tiny import write_pool
+
+        write_pool(tmp / "pool", [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "kind": r["kind"],
+                                   "correct": r["correct"]} for r in rows], n_files=spec.pool_files)
+        stats["pool_kinds"] = pd.Series([r["kind"] for r in rows]).value_counts().to_dict()
+
+        torch.manual_seed(spec.seed)
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+        docs = pretraining_documents(spec.seed, mp, tp, sp, held, spec.math_share)
+        tok = build_tokenizer(list(itertools.islice(docs, 3000)), vocab_size=spec.vocab_size)
+        heads = spec.num_heads
+        model = build_llama(len(tok), hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=heads,
+                            num_kv_heads=heads, intermediate_size=spec.intermediate_size, seed=spec.seed,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+        stats["params"] = sum(p.numel() for p in model.parameters())
+        stats["pretrain"] = pretrain(model, tok, docs, spec.pretrain_steps, spec.pretrain_batch, spec.pretrain_seq_len,
+                                     spec.pretrain_lr, seed=spec.seed, progress=progress)
+        model_dir = save(model, tok, tmp / "model")
+        stats["base_dev_accuracy"] = round(math_accuracy(model, tok, m_dev), 4)
+        if progress:
+            print(f"[world] base model: {stats['params']:,} parameters, dev accuracy {stats['base_dev_accuracy']:.1%}",
+                  flush=True)
+        sae_texts = list(itertools.islice(
+            pretraining_documents(spec.seed + 7, mp, tp, sp, held, spec.math_share), spec.sae_tokens // 20))
+        stats["sae"] = sae_stats = train_sae(model_dir, sae_texts, spec.layer, tmp / "sae", d_sae=spec.d_sae,
+                                 architecture=spec.sae_architecture, k=spec.sae_k,
+                                 training_tokens=spec.sae_tokens, lr=spec.sae_lr, seed=spec.seed, progress=progress)
+        sae_stats.pop("out_dir", None)  # the temporary build path; the SAE ends up in <root>/sae
+        stats["build_s"] = round(time.perf_counter() - t0, 1)
+        (tmp / WORLD_JSON).write_text(json.dumps({"key": spec.key(), "spec": asdict(spec), "stats": stats},
+                                                 indent=2, default=str))
+        if root.exists():
+            shutil.rmtree(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _world(root, spec, stats)
+
+
+def _world(root: Path, spec: WorldSpec, stats: dict) -> DemoWorld:
+    return DemoWorld(root, spec, root / "model", root / "sae", root / "pool", stats)

@@ -1,0 +1,107 @@
+"""The demo world's data (no training here: the quick demo itself runs in tests/test_job_submit.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from igds_ray.demo import world as W
+
+
+@pytest.fixture(scope="module")
+def sets():
+    mp, tp, sp = W.prompt_formats()
+    m = W.math_sets(3, 100, 300, 200)
+    t = W.translation_sets(3, 50, 100, 100)
+    s = W.summarization_sets(3, 50, 100, 100)
+    held = m[3] | t[3] | s[3]
+    rows = W.pool_rows(3, 3000, mp, tp, sp, held)
+    return m, t, s, held, rows
+
+
+def _answer(text: str) -> int:
+    return int(text.rsplit("####", 1)[1])
+
+
+def test_pool_is_deterministic_and_composed_as_specified(sets):
+    *_, held, rows = sets
+    mp, tp, sp = W.prompt_formats()
+    again = W.pool_rows(3, 3000, mp, tp, sp, held)
+    assert rows == again
+    assert rows != W.pool_rows(4, 3000, mp, tp, sp, held)
+    kinds = {k: sum(r["kind"] == k for r in rows) for k in W.POOL_MIX}
+    for k, f in W.POOL_MIX.items():
+        assert abs(kinds[k] - f * 3000) <= 1, (k, kinds[k])
+    assert len(rows) == 3000 and len({r["id"] for r in rows}) == 3000
+
+
+def test_no_dev_or_test_source_leaks_into_the_pool(sets):
+    (m_rec, m_dev, m_test, _), (t_rec, t_dev, t_test, _), (s_rec, s_dev, s_test, _), held, rows = sets
+    mp, tp, sp = W.prompt_formats()
+    prompts = {r["prompt"] for r in rows}
+    assert not prompts & {mp(r["question"]) for r in m_dev + m_test + m_rec}
+    assert not prompts & {tp(r["source"]) for r in t_dev + t_test + t_rec}
+    assert not prompts & {sp(r["article"]) for r in s_dev + s_test + s_rec}
+    # recall/dev/test are disjoint among themselves
+    for a, b in ((m_rec, m_dev), (m_dev, m_test), (m_rec, m_test)):
+        assert not {r["question"] for r in a} & {r["question"] for r in b}
+
+
+def test_row_labels_tell_the_truth(sets):
+    *_, rows = sets
+    for r in rows:
+        q = r["prompt"]
+        if r["kind"] in ("math_correct", "math_wrong", "math_near_duplicate"):
+            a, op, b, c = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)\n#### \d+", r["response"]).groups()
+            true = int(a) + int(b) if op == "+" else int(a) - int(b)
+            assert re.search(rf"\b{a}\b", q) and re.search(rf"\b{b}\b", q)
+            assert (int(c) == true) == r["correct"], r
+            assert _answer(r["response"]) == int(c) and int(c) >= 0
+        elif r["kind"] == "math_truncated":
+            assert "####" not in r["response"] and r["response"].endswith("=") and r["correct"] is None
+        else:
+            assert r["correct"] is None
+    wrong = [r for r in rows if r["kind"] == "math_wrong"]
+    assert wrong and not any(r["correct"] for r in wrong)
+
+
+def test_task_references_are_scored_correct_by_the_tasks(sets):
+    from igds_ray.tasks import get_task
+    from igds_ray.tasks.base import TaskExample
+
+    (_, m_dev, _, _), (_, t_dev, _, _), (_, s_dev, _, _), _, _ = sets
+    math = get_task("math")
+    for r in m_dev[:50]:
+        ex = TaskExample(id=r["id"], source=r["question"], reference=r["answer"])
+        assert math.score_answer(math.extract(r["answer"]), ex) == 1.0
+    tr = W.translation_pair(__import__("random").Random(0))
+    assert tr[1].startswith("le ") and len(tr[0].split()) == len(tr[1].split())
+    assert all(r["summary"] == r["article"].split(". ")[0] + "." for r in s_dev)
+
+
+def test_seeds_table_statistics():
+    from igds_ray.demo.run import render_seeds, seeds_table
+
+    runs = [{"metrics": {"base": 0.3, "full": 0.5, "igds": 0.6}, "features": ["l2_p1"]},
+            {"metrics": {"base": 0.3, "full": 0.7, "igds": 0.62}, "features": ["l2_p1"]},
+            {"metrics": {"base": 0.3, "full": 0.6, "igds": 0.64}, "features": ["l2_p1"]}]
+    table = {r["arm"]: r for r in seeds_table(runs)}
+    assert table["igds"]["mean"] == pytest.approx(0.62) and table["igds"]["std"] == pytest.approx(0.02)
+    assert table["full"]["std"] == pytest.approx(0.1) and table["igds"]["d_full"] == pytest.approx(0.02)
+    assert table["igds"]["d_base"] == pytest.approx(0.32)
+    text = render_seeds({"table": seeds_table(runs), "runs": runs})
+    # 0.02 difference vs full with SE sqrt(0.02^2/3 + 0.1^2/3) = 0.0589: a tie, not a win.
+    assert "igds ties with full" in text and "igds beats base" in text
+
+
+def test_demo_config_is_a_valid_run_config(tmp_path):
+    from igds_ray.demo.run import ALL_ARMS, QUICK_ARMS, demo_config
+
+    world = W._world(tmp_path, W.WorldSpec(), {})
+    full = demo_config(world, str(tmp_path / "run"))
+    quick = demo_config(world, str(tmp_path / "run"), quick=True, seed=2)
+    assert tuple(full.arms) == ALL_ARMS and tuple(quick.arms) == QUICK_ARMS and quick.seed == 2
+    assert full.evaluate.template == full.causal.template == 1  # the template the pool's prompts use
+    assert full.report.label_column == "kind" and full.pool.id_column == "id"
+    assert W.WorldSpec().key() != W.WorldSpec.quick().key() and W.WorldSpec().key() == W.WorldSpec().key()
