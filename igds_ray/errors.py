@@ -21,3 +21,7 @@ class ModelSAEMismatch(IGDSError, ValueError):
 
 class StageOutputError(IGDSError, RuntimeError):
     """A stage directory is missing, incomplete or in use."""
+
+
+class RunLocked(StageOutputError):
+    """Another run holds the lock of this run or stage directory (names the directory and the holder)."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -30,6 +31,7 @@ class PoolFile:
     path: str  # path inside the filesystem
     rel: str  # relative to the pool root: the stable part of generated ids
     row_groups: tuple[int, ...]  # rows per row group
+    size: int = -1  # bytes (-1: unknown); with `row_groups`, what tells a changed file from the one scored
 
     @property
     def num_rows(self) -> int:
@@ -53,20 +55,21 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.split("/"))
 
 
-def list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+def list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, str, int]]]:
+    """(filesystem, [(path, path relative to the pool root, size in bytes)]) of the pool's Parquet files."""
     fs, root = filesystem(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise PoolError(f"pool {uri}: no such file or directory")
     if info.type == pafs.FileType.File:
-        return fs, [(root, posixpath.basename(root))]
+        return fs, [(root, posixpath.basename(root), info.size if info.size is not None else -1)]
     found = []
     for e in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if e.type != pafs.FileType.File:
             continue
         rel = posixpath.relpath(e.path, root)
         if not _hidden(rel) and rel.endswith(PARQUET_SUFFIXES):
-            found.append((e.path, rel))
+            found.append((e.path, rel, e.size if e.size is not None else -1))
     if not found:
         raise PoolError(f"pool {uri}: no Parquet files ({', '.join(PARQUET_SUFFIXES)}) in this directory")
     return fs, sorted(found, key=lambda x: x[1])
@@ -77,11 +80,11 @@ def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threa
     text_columns = tuple(text_columns)
     fs, paths = list_files(uri)
 
-    def footer(item: tuple[str, str]) -> tuple[str, str, pq.FileMetaData]:
-        path, rel = item
+    def footer(item: tuple[str, str, int]) -> tuple[str, str, int, pq.FileMetaData]:
+        path, rel, size = item
         try:
             with fs.open_input_file(path) as f:
-                return path, rel, pq.ParquetFile(f).metadata
+                return path, rel, size, pq.ParquetFile(f).metadata
         except Exception as e:
             raise PoolError(f"pool file {rel}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
@@ -89,7 +92,7 @@ def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threa
         metas = list(ex.map(footer, paths))
 
     files, has_id, id_type = [], None, pa.string()
-    for path, rel, meta in metas:
+    for path, rel, size, meta in metas:
         schema = meta.schema.to_arrow_schema()
         for c in (*text_columns, *([id_column] if id_column else [])):
             if schema.names.count(c) > 1:
@@ -126,18 +129,21 @@ def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threa
                         nulls = pq.ParquetFile(fh).read_row_group(rg, columns=[id_column]).column(0).null_count
                 if nulls > 0:
                     raise PoolError(f"pool file {rel}: id column {id_column!r} has null values (row group {rg})")
-        files.append(PoolFile(path, rel, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))))
+        files.append(PoolFile(path, rel, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)), size))
     pool = Pool(uri, tuple(files), text_columns, id_column if has_id else None, id_type)
     if pool.num_rows == 0:
         raise PoolError(f"pool {uri}: its {len(files)} Parquet file(s) hold no rows")
     return pool
 
 
-def _as_text(col: pa.ChunkedArray, name: str) -> tuple[list[str | None], list[str | None]]:
-    """(values, errors) for one text column; a value that is not a usable string gets an error."""
+def as_text(col: pa.ChunkedArray | pa.Array, name: str) -> tuple[list[str | None], list[str | None]]:
+    """(values, errors) for one text column; a value that is not a usable string gets an error.
+
+    The reader's normalisation, shared by everything that reads pool text back (select's row fetch).
+    """
     t = col.type
     if pa.types.is_dictionary(t):  # e.g. pandas `category` columns: the values are what counts
-        return _as_text(col.cast(t.value_type), name)
+        return as_text(col.cast(t.value_type), name)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         values = col.to_pylist()
         return values, [f"{name} is null" if v is None else None for v in values]
@@ -156,6 +162,9 @@ def _as_text(col: pa.ChunkedArray, name: str) -> tuple[list[str | None], list[st
                 errors.append(f"{name} is not valid UTF-8 ({e.reason} at byte {e.start})")
         return values, errors
     return [None] * len(col), [f"{name} has type {t}, not a string" for _ in range(len(col))]
+
+
+_as_text = as_text  # the former private name, kept for callers outside this package
 
 
 def _chunks(f: PoolFile, max_rows: int) -> Iterator[tuple[int, list[int]]]:
@@ -188,7 +197,7 @@ def read_chunk(fs: pafs.FileSystem, pool: Pool, f: PoolFile, first_row: int, row
     out: dict[str, pa.Array | pa.ChunkedArray] = {ID: ids, SRC_FILE: pa.array([f.rel] * n, pa.string()), SRC_ROW: rows}
     errors: list[str | None] = [None] * n
     for name in pool.text_columns:
-        values, errs = _as_text(table.column(name), name)
+        values, errs = as_text(table.column(name), name)
         out[name] = pa.array(values, pa.large_string())
         errors = [a if a is not None else b for a, b in zip(errors, errs)]
     out[INPUT_ERROR] = pa.array(errors, pa.string())
@@ -200,11 +209,28 @@ def _sliced(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, max(table.num_rows, 1), rows)]
 
 
-def make_datasource(pool: Pool, rows_per_task: int) -> "ray.data.Datasource":  # noqa: F821
+def _without(table: pa.Table, skip: np.ndarray | None) -> pa.Table:
+    """`table` less the rows at positions `skip` (rows a finished part of an earlier attempt holds)."""
+    if skip is None or not len(skip):
+        return table
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[skip] = False
+    return table.filter(pa.array(keep))
+
+
+def make_datasource(pool: Pool, rows_per_task: int,
+                    done: Mapping[str, np.ndarray] | None = None) -> "ray.data.Datasource":  # noqa: F821
+    """One read task per (file, run of whole row groups of at most `rows_per_task` rows).
+
+    `done`: per pool file (relative path), the sorted row indices already scored (kept from an
+    earlier attempt); a task whose rows are all done is not created, the others drop those rows
+    right after reading, so they never reach a scorer.
+    """
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
     fs, _ = filesystem(pool.uri)
+    done = done or {}
 
     class PoolDatasource(Datasource):
         def get_name(self) -> str:
@@ -216,13 +242,21 @@ def make_datasource(pool: Pool, rows_per_task: int) -> "ray.data.Datasource":  #
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
             tasks = []
             for f in pool.files:
+                finished = done.get(f.rel)
                 for first, groups in _chunks(f, rows_per_task):
                     n = sum(f.row_groups[g] for g in groups)
-                    meta = BlockMetadata(num_rows=n, size_bytes=None, input_files=[f.path], exec_stats=None)
+                    skip = None
+                    if finished is not None and len(finished):
+                        lo, hi = np.searchsorted(finished, [first, first + n])
+                        if hi - lo == n:
+                            continue
+                        skip = (finished[lo:hi] - first).astype(np.int64) if hi > lo else None
+                    rows = n - (0 if skip is None else len(skip))
+                    meta = BlockMetadata(num_rows=rows, size_bytes=None, input_files=[f.path], exec_stats=None)
                     tasks.append(
                         ReadTask(
-                            lambda f=f, first=first, groups=groups: _sliced(
-                                read_chunk(fs, pool, f, first, groups), rows_per_task
+                            lambda f=f, first=first, groups=groups, skip=skip: _sliced(
+                                _without(read_chunk(fs, pool, f, first, groups), skip), rows_per_task
                             ),
                             meta,
                             per_task_row_limit=per_task_row_limit,
@@ -233,7 +267,8 @@ def make_datasource(pool: Pool, rows_per_task: int) -> "ray.data.Datasource":  #
     return PoolDatasource()
 
 
-def read_pool(pool: Pool, rows_per_task: int) -> "ray.data.Dataset":  # noqa: F821
+def read_pool(pool: Pool, rows_per_task: int, done: Mapping[str, np.ndarray] | None = None
+              ) -> "ray.data.Dataset":  # noqa: F821
     import ray
 
-    return ray.data.read_datasource(make_datasource(pool, rows_per_task))
+    return ray.data.read_datasource(make_datasource(pool, rows_per_task, done))

@@ -20,6 +20,14 @@ SRC_FILE = "src_file"  # pool file, relative to the pool root
 SRC_ROW = "src_row"  # row index inside that file
 RANK = "rank"
 
+# Columns the baseline scorers add to a scores part (igds_ray.baselines).
+LOSS = "loss"  # mean NLL of the response tokens given BOS + prompt (the SFT loss)
+UNCOND_LOSS = "uncond_loss"  # mean NLL of the same response tokens given only BOS
+IFD = "ifd"  # exp(loss - uncond_loss) = PPL(response | prompt) / PPL(response)
+ZIP_POS = "zip_pos"  # greedy position inside the row's ZIP shard (0 = picked first)
+ZIP_RATIO = "zip_ratio"  # compression ratio of (selected set + row) when the row was picked
+ZIP_SHARD = "zip_shard"  # the ZIP shard the row was ranked in
+
 # Internal column carried from the reader to the scorer: why a row cannot be scored.
 INPUT_ERROR = "_input_error"
 

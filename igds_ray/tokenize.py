@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, TypeVar
 
 Pooling = Literal["last", "max", "mean"]
+T = TypeVar("T")
 
 # Characters kept before tokenizing: bounds the cost of a pathological multi-megabyte text.
 CHARS_PER_TOKEN_CAP = 32
@@ -58,6 +59,16 @@ class ExampleBuilder:
             for p in prompts
         ]
 
+    def prompt_ids(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """(token ids, cut by the character cap) per prompt: BOS + prompt, or the prompt in the chat
+        template (whose own markers stand in for BOS), untruncated."""
+        return self._encode(self._prompt_texts(prompts), add_special_tokens=not self.chat_template)
+
+    def response_ids(self, responses: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """(token ids, cut by the character cap) per response, without special tokens: they follow
+        the prompt's ids directly, so the prompt/response boundary is exact."""
+        return self._encode(responses, add_special_tokens=False)
+
     def build_text(self, texts: Sequence[str]) -> list[Example | str]:
         out: list[Example | str] = []
         ids_list, cut = self._encode(texts, add_special_tokens=True)
@@ -73,7 +84,7 @@ class ExampleBuilder:
 
     def build_pairs(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Example | str]:
         out: list[Example | str] = []
-        p_ids, p_cut = self._encode(self._prompt_texts(prompts), add_special_tokens=not self.chat_template)
+        p_ids, p_cut = self.prompt_ids(prompts)
         if self.pooling == "last":
             for ids, was_cut in zip(p_ids, p_cut):
                 truncated = was_cut or len(ids) > self.max_tokens
@@ -86,7 +97,7 @@ class ExampleBuilder:
                     continue
                 out.append(Example(ids, pos[-1:], truncated))
             return out
-        r_ids, r_cut = self._encode(responses, add_special_tokens=False)
+        r_ids, r_cut = self.response_ids(responses)
         for pi, rcut, pcut, ri in zip(p_ids, r_cut, p_cut, r_ids):
             ids = pi + ri
             truncated = pcut or rcut or len(ids) > self.max_tokens
@@ -102,3 +113,17 @@ class ExampleBuilder:
                 continue
             out.append(Example(ids, pos, truncated))
         return out
+
+
+def split_built(rows: Sequence[int], built: Sequence[T | str], errors: list[str | None]) -> tuple[list[int], list[T]]:
+    """Route what a builder returned for `rows`: a string is that row's error (written into
+    `errors[row]`), anything else is kept. Returns (rows kept, their items), in order."""
+    kept_rows: list[int] = []
+    items: list[T] = []
+    for i, b in zip(rows, built):
+        if isinstance(b, str):
+            errors[i] = b
+        else:
+            kept_rows.append(i)
+            items.append(b)
+    return kept_rows, items

@@ -67,7 +67,7 @@ def reader_tables(draw: st.DrawFn, text_columns: tuple[str, ...] = ("prompt", "r
 
     Each column is, per example, one of: strings, binary (maybe invalid UTF-8), integers (not text).
     """
-    from igds_ray.pool import _as_text
+    from igds_ray.pool import as_text
 
     n = draw(st.integers(0, max_rows))
     cols: dict[str, Any] = {
@@ -84,7 +84,7 @@ def reader_tables(draw: st.DrawFn, text_columns: tuple[str, ...] = ("prompt", "r
             raw = pa.array(draw(st.lists(byte_values(), min_size=n, max_size=n)), pa.binary())
         else:
             raw = pa.array(draw(st.lists(st.integers(-5, 5) | st.none(), min_size=n, max_size=n)), pa.int64())
-        vals, errs = _as_text(pa.chunked_array([raw], raw.type), c)
+        vals, errs = as_text(pa.chunked_array([raw], raw.type), c)
         cols[c] = pa.array(vals, pa.large_string())
         errors = [a or b for a, b in zip(errors, errs)]
     cols[S.INPUT_ERROR] = pa.array(errors, pa.string())

@@ -189,9 +189,11 @@ def test_duplicate_ids_are_scored_once_per_input_row(world, ray_local, tmp_path)
     case = H.duplicate_ids_pool()
     pool_dir = case.write(tmp_path / "pool")
     cfg = make_cfg(world, tmp_path / "scores", pool={"path": str(pool_dir)}, batch_size=2)
-    df = assert_complete(case, pool_dir, tmp_path / "scores", score.run(cfg))
+    manifest = score.run(cfg)
+    df = assert_complete(case, pool_dir, tmp_path / "scores", manifest)
     got = df.sort_values([S.SRC_FILE, S.SRC_ROW])[S.ID].tolist()
     assert got == [7, 7, 8, 9, 7, 9]
+    assert manifest["duplicate_ids"] == 3  # 6 rows, 3 distinct ids: counted, and warned about
     same = df[df[S.ID] == 7][S.SCORE].to_numpy()  # three copies of one text
     np.testing.assert_allclose(same, same[0], rtol=1e-6)
     sel = select.run(from_dict(SelectConfig, dict(scores=cfg.out, out=str(tmp_path / "sel"), fraction=0.5)))
@@ -444,9 +446,33 @@ HANG_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_warns_before_launching_actors_that_leave_no_cpu_for_the_read_tasks(ray_local):
+    """The cheap half of the bug below: the session's Ray has 2 CPUs and no autoscaler."""
+    from igds_ray.stages.score import CPUStarvationWarning, check_cpu_headroom
+
+    assert ray_local.cluster_resources()["CPU"] == 2
+    with pytest.warns(CPUStarvationWarning, match=r"2 scorer actor\(s\) x 1 CPU \(min_actors × num_cpus\) leave 0 of "
+                                                  r"the cluster's 2 CPUs for Ray Data's read tasks.*no autoscaler is "
+                                                  r"configured: the job may wait forever"):
+        assert check_cpu_headroom(2, 1.0)
+    with pytest.warns(CPUStarvationWarning, match=r"leave 0.5 of the cluster's 2 CPUs"):
+        check_cpu_headroom(1, 1.5)
+    with pytest.warns(CPUStarvationWarning, match=r"\(actors × num_cpus\)"):
+        check_cpu_headroom(4, 1.0, keys="actors × num_cpus")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these may warn
+        assert check_cpu_headroom(1, 1.0) is None
+        assert check_cpu_headroom(2, 0.5) is None
+        assert check_cpu_headroom(3, 0.25) is None
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="BUG: scorer actors that reserve every CPU of the cluster (min_actors x "
-                   "num_cpus >= CPUs) leave none for the read/write tasks: the job waits forever, no error")
+                   "num_cpus >= CPUs) leave none for the read tasks: the job waits forever, no error "
+                   "(a CPUStarvationWarning is issued before launching; an error would be wrong on an "
+                   "autoscaling cluster)")
 def test_actors_taking_every_cpu(world, tmp_path):
     """Run in its own Ray (a hung job would hold the shared test cluster's CPUs for good)."""
     ray_tmp = tempfile.mkdtemp(prefix="igdshang", dir="/tmp")

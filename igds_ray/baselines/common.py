@@ -17,15 +17,10 @@ import pyarrow as pa
 
 from igds_ray import schema as S
 
-log = logging.getLogger(__name__)
+# Baseline columns live in igds_ray.schema with every other column name; re-exported for the scorers.
+from igds_ray.schema import IFD, LOSS, UNCOND_LOSS, ZIP_POS, ZIP_RATIO, ZIP_SHARD  # noqa: F401
 
-# Baseline columns (candidates for igds_ray/schema.py, which this package does not own).
-LOSS = "loss"  # mean NLL of the response tokens given BOS + prompt (the SFT loss)
-UNCOND_LOSS = "uncond_loss"  # mean NLL of the same response tokens given only BOS
-IFD = "ifd"  # exp(loss - uncond_loss) = PPL(response | prompt) / PPL(response)
-ZIP_POS = "zip_pos"  # greedy position inside the row's ZIP shard (0 = picked first)
-ZIP_RATIO = "zip_ratio"  # compression ratio of (selected set + row) when the row was picked
-ZIP_SHARD = "zip_shard"
+log = logging.getLogger(__name__)
 
 
 def baseline_schema(id_type: pa.DataType, extra: Sequence[pa.Field] = ()) -> pa.Schema:

@@ -38,12 +38,13 @@ import pyarrow as pa
 import torch
 
 from igds_ray import schema as S
-from igds_ray.baselines.common import IFD, LOSS, UNCOND_LOSS, baseline_schema, row_errors, run_stage, scores_table
+from igds_ray.baselines.common import baseline_schema, row_errors, run_stage, scores_table
+from igds_ray.schema import IFD, LOSS, UNCOND_LOSS
 from igds_ray.config import ModelConfig, PoolConfig, _help, from_dict, to_dict
 from igds_ray.errors import ConfigError
 from igds_ray.models.loading import load_model, load_tokenizer, model_info, resolve_device
 from igds_ray.stages.score import micro_batches
-from igds_ray.tokenize import ExampleBuilder
+from igds_ray.tokenize import ExampleBuilder, split_built
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def pair_tokens(builder: ExampleBuilder, prompts: Sequence[str], responses: Sequ
     if ctx is None:
         raise ConfigError("the tokenizer has neither a BOS nor an EOS token to condition the response-only pass on")
     # The builder's own encoders: the same character cap, chat template and special-token rules.
-    p_ids, p_cut = builder._encode(builder._prompt_texts(prompts), add_special_tokens=not builder.chat_template)
-    r_ids, r_cut = builder._encode(responses, add_special_tokens=False)
+    p_ids, p_cut = builder.prompt_ids(prompts)
+    r_ids, r_cut = builder.response_ids(responses)
     out: list[PairTokens | str] = []
     for pi, ri, pc, rc in zip(p_ids, r_ids, p_cut, r_cut):
         keep = max(0, builder.max_tokens - len(pi))
@@ -247,13 +248,7 @@ class LMScorer:
         prompts = table.column(c.pool.prompt_column).to_pylist()
         responses = table.column(c.pool.response_column).to_pylist()
         built = pair_tokens(self.builder, [prompts[i] for i in ok], [responses[i] for i in ok])
-        rows, pairs = [], []
-        for i, b in zip(ok, built):
-            if isinstance(b, str):
-                errors[i] = b
-            else:
-                rows.append(i)
-                pairs.append(b)
+        rows, pairs = split_built(ok, built, errors)
         loss: list[float | None] = [None] * n
         uncond: list[float | None] = [None] * n
         ifd: list[float | None] = [None] * n
@@ -293,4 +288,5 @@ def run(cfg: LMConfig) -> dict[str, Any]:
             num_cpus=cfg.num_cpus,
         )
 
-    return run_stage("loss+ifd", cfg, cfg.pool, cfg.out, cfg.overwrite, build)
+    return run_stage("loss+ifd", cfg, cfg.pool, cfg.out, cfg.overwrite, build,
+                     actor_pool=(cfg.actors, cfg.num_cpus, "actors × num_cpus"), resumable=True)

@@ -1,6 +1,7 @@
 """Keep the top fraction (or top n) of a scored pool, exactly and deterministically.
 
-Order: score descending, ties broken by id ascending. Rows with an `error` have no score and are
+Order: score descending, ties broken by id ascending, then by source position (`src_file`,
+`src_row`), so that even rows sharing an id are ranked the same way on every run. Rows with an `error` have no score and are
 never selected. The pool is never collected on the driver: Ray Data sorts the (id, score, src)
 columns in a distributed sort, and the chosen rows are fetched back from the pool file by file.
 
@@ -18,12 +19,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from igds_ray import schema as S
 from igds_ray.config import SelectConfig, to_dict
 from igds_ray.errors import ConfigError
-from igds_ray.pool import _as_text
-from igds_ray.storage import StageDir, filesystem, join
+from igds_ray.pool import as_text
+from igds_ray.storage import StageDir, filesystem, join, path_in
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,19 @@ def keep_count(n_scored: int, fraction: float | None, n: int | None) -> int:
     return min(n_scored, max(1 if n_scored else 0, math.floor(fraction * n_scored + 1e-9)))
 
 
-def _fetch_rows(group: pa.Table, pool_uri: str, text_columns: list[str]) -> pa.Table:
-    """The pool rows of one source file named in `group` (all its rows share `src_file`)."""
+def _fetch_rows(group: pa.Table, pool_uri: str, text_columns: list[str], fs: "pafs.FileSystem | None" = None
+                ) -> pa.Table:
+    """The pool rows of one source file named in `group` (all its rows share `src_file`).
+
+    `fs`: the pool's filesystem as the driver resolved it (an S3 endpoint override travels with it).
+    """
     import pyarrow.parquet as pq
 
     rel = group.column(S.SRC_FILE)[0].as_py()
-    fs, root = filesystem(pool_uri)
+    if fs is None:
+        fs, root = filesystem(pool_uri)
+    else:  # no second resolution on the worker (for s3:// it may ask the network for the region)
+        root = path_in(pool_uri)
     path = root if fs.get_file_info(root).type.name == "File" else f"{root.rstrip('/')}/{rel}"
     with fs.open_input_file(path) as fh:
         table = pq.ParquetFile(fh).read(columns=text_columns)
@@ -53,7 +62,7 @@ def _fetch_rows(group: pa.Table, pool_uri: str, text_columns: list[str]) -> pa.T
     for name in text_columns:
         # The reader's normalisation: every file's text becomes large_string, whatever it was stored as
         # (string, binary, dictionary), so the blocks of different files concatenate.
-        values, _ = _as_text(picked.column(name), name)
+        values, _ = as_text(picked.column(name), name)
         out = out.append_column(name, pa.array(values, pa.large_string()))
     return out
 
@@ -91,17 +100,28 @@ def _last_row(t: pa.Table) -> dict:
 
 
 def run(cfg: SelectConfig) -> dict[str, Any]:
+    """Write `<out>/<arm>.parquet/`; a finished one is kept unless `overwrite`. The output directory
+    is locked while it is written (a second run on it fails at once with `RunLocked`)."""
+    scores = StageDir(cfg.scores)
+    smanifest = scores.manifest()
+    out = StageDir(join(cfg.out, f"{cfg.arm}.parquet"))
+    if out.done() and not cfg.overwrite:
+        log.info("%s is finished; skipping", out.uri)
+        return out.manifest()
+    out.check_ours()  # before the lock file is created in someone else's directory
+    with out.lock(f"select {cfg.arm}") as held:
+        staging = out.begin(cfg.overwrite)
+        if staging is None:
+            return out.manifest()
+        return _select(cfg, scores, smanifest, out, staging, held)
+
+
+def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out: StageDir, staging: str,
+            held: Any) -> dict[str, Any]:
     import ray
 
     from igds_ray.stages.score import init_ray
 
-    scores = StageDir(cfg.scores)
-    smanifest = scores.manifest()
-    out = StageDir(join(cfg.out, f"{cfg.arm}.parquet"))
-    staging = out.begin(cfg.overwrite)
-    if staging is None:
-        log.info("%s is finished; skipping", out.uri)
-        return out.manifest()
     init_ray()
     t0 = time.time()
     ctx = ray.data.DataContext.get_current()
@@ -119,7 +139,8 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     cutoff = None
     ranked = scored.limit(0)
     if n_keep:
-        top = scored.sort([S.SCORE, S.ID], descending=[True, False]).limit(n_keep).materialize()
+        top = scored.sort([S.SCORE, S.ID, S.SRC_FILE, S.SRC_ROW], descending=[True, False, False, False]
+                          ).limit(n_keep).materialize()
         refs = top.to_arrow_refs()
         sizes = ray.get([_num_rows.remote(r) for r in refs])
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
@@ -133,7 +154,8 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         n_files = max(1, min(len(pool_cfg["files"]), 256))
         ranked = ranked.groupby(S.SRC_FILE, num_partitions=n_files).map_groups(
             _fetch_rows,
-            fn_kwargs={"pool_uri": pool_cfg["uri"], "text_columns": pool_cfg["text_columns"]},
+            fn_kwargs={"pool_uri": pool_cfg["uri"], "text_columns": pool_cfg["text_columns"],
+                       "fs": filesystem(pool_cfg["uri"])[0]},
             batch_format="pyarrow",
         )
     ranked.write_parquet(staging, filesystem=out.fs if "://" in out.uri else None)
@@ -147,4 +169,5 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         "cutoff": cutoff,
         "wall_s": round(time.time() - t0, 3),
     }
+    held.check()
     return out.commit(staging, manifest)
