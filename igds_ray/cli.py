@@ -20,7 +20,7 @@ from igds_ray.config import (
     load_yaml,
     set_dotted,
 )
-from igds_ray.errors import IGDSError
+from igds_ray.errors import ConfigError, IGDSError
 
 # flag -> dotted config key
 SCORE_FLAGS: dict[str, str] = {
@@ -150,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--price-per-gpu-hour", dest="gpu_price", type=float, default=2.5)
     rep.add_argument("--price-per-cpu-hour", dest="cpu_price", type=float, default=0.05)
 
-    d = sub.add_parser("demo", help="the embedded tiny default: build a tiny world, score it, select, print the top")
-    d.add_argument("--run-dir", default="runs/demo")
-    d.add_argument("--rows", type=int, default=2000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    d = sub.add_parser("demo", help="the embedded default: build a tiny world from seeds (tasks, pool, a pretrained "
+                                    "tiny Llama, an SAE trained with sae-lens), run every arm, write the report")
+    d.add_argument("--run-dir", default="runs/demo", help="run directory (the world is built in <run-dir>/world)")
+    d.add_argument("--quick", action="store_true", help="a smaller world and the igds/full/random arms (CI)")
+    d.add_argument("--seeds", type=int, default=1, help="repeat the pipeline with seeds 0..N-1; writes seeds.md")
+    d.add_argument("--world", default=None, help="build or reuse the world in this directory instead")
+    d.add_argument("--arms", default=None, help="comma-separated arms (default: all; --quick: igds,full,random)")
     return p
 
 
@@ -210,11 +212,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "report":
             from igds_ray import report
 
-            print(report.build(args.run_dir, args.gpu_price, args.cpu_price))
+            from igds_ray.config import PoolConfig
+            from igds_ray.storage import exists, join, read_json
+
+            # The run's own config says which pool column (if any) labels rows for the composition table.
+            saved = read_json(join(args.run_dir, "config.json")) if exists(join(args.run_dir, "config.json")) else {}
+            label = (saved.get("report") or {}).get("label_column")
+            pool = from_dict(PoolConfig, saved["pool"]) if label and saved.get("pool") else None
+            print(report.build(args.run_dir, args.gpu_price, args.cpu_price, label_column=label, pool=pool))
         elif args.command == "demo":
             from igds_ray.demo.run import run_demo
 
-            run_demo(args.run_dir, rows=args.rows, seed=args.seed, top=args.top)
+            if args.seeds < 1:
+                raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+            arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
+            run_demo(args.run_dir, quick=args.quick, seeds=args.seeds, world_dir=args.world, arms=arms)
     except (IGDSError, _task_errors()) as e:
         print(f"igds {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -61,6 +61,8 @@ class ScoreOptions:
 class ReportOptions:
     price_per_gpu_hour: float = _help("$ per GPU-hour for the cost column", default=2.5)
     price_per_cpu_hour: float = _help("$ per CPU-hour for the cost column", default=0.05)
+    label_column: str | None = _help("a pool column of row labels (e.g. a quality or source tag, never read by "
+                                     "selection): the report tabulates each arm's share of every label", default=None)
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,8 @@ class Pipeline:
         if failed:
             ev["arms"].update({a: {"status": "failed", "error": err} for a, err in failed.items()})
             write_json_atomic(join(c.run_dir, "eval", "metrics.json"), ev)
-        return report.build(c.run_dir, c.report.price_per_gpu_hour, c.report.price_per_cpu_hour)
+        return report.build(c.run_dir, c.report.price_per_gpu_hour, c.report.price_per_cpu_hour,
+                            label_column=c.report.label_column, pool=c.pool)
 
 
 def _write_yaml(uri: str, data: dict) -> None:
@@ -343,5 +346,13 @@ def _write_yaml(uri: str, data: dict) -> None:
 
 
 def run(cfg: RunConfig) -> str:
-    """Run (or resume) the pipeline; returns the report's path."""
-    return Pipeline(cfg).run()
+    """Run (or resume) the pipeline; returns the report's path.
+
+    The run directory is locked (`<run_dir>/_LOCK`) for the whole run: a second `igds run` on the
+    same directory fails at once with `RunLocked`, naming the holder. The stages lock their own
+    directories inside it too (nesting is allowed within one process).
+    """
+    from igds_ray.storage import lock
+
+    with lock(cfg.run_dir, "igds run"):
+        return Pipeline(cfg).run()

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from igds_ray.ledger import Record, read_all
-from igds_ray.storage import StageDir, exists, join, read_json
+from igds_ray.storage import StageDir, exists, join, read_json, write_json_atomic
 
 BASE = "base"
 FULL = "full"
@@ -156,7 +156,37 @@ def plots(run_dir: str, rows: list[dict], out_dir: str) -> list[str]:
     return made
 
 
-def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: float = 0.05) -> str:
+def composition(run_dir: str, arms: list[str], pool: Any, label_column: str) -> dict[str, dict[str, float]]:
+    """Share of each label (a pool column) in the pool and in each arm's selection, by id."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from igds_ray.storage import filesystem
+
+    fs, path = filesystem(pool.path)
+    ds = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+    missing = [c for c in (pool.id_column, label_column) if c not in ds.schema.names]
+    if missing:
+        raise ValueError(f"report.label_column: the pool at {pool.path} has no column {missing[0]!r}")
+    t = ds.to_table(columns=[pool.id_column, label_column]).to_pandas()
+    labels = dict(zip(t[pool.id_column].astype(str), t[label_column].astype(str)))
+    out = {"pool": t[label_column].astype(str).value_counts(normalize=True).to_dict()}
+    for arm in arms:
+        sel = join(run_dir, "selection", f"{arm}.parquet")
+        if not StageDir(sel).done():
+            continue
+        fs_s, _ = filesystem(sel)
+        ids = [str(i) for f in StageDir(sel).files() for i in pq.read_table(filesystem(f)[1], columns=["id"],
+                                                                             filesystem=fs_s).column("id").to_pylist()]
+        counts: dict[str, int] = {}
+        for i in ids:
+            counts[labels.get(i, "(unknown id)")] = counts.get(labels.get(i, "(unknown id)"), 0) + 1
+        out[arm] = {k: v / max(1, len(ids)) for k, v in counts.items()}
+    return out
+
+
+def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: float = 0.05,
+          label_column: str | None = None, pool: Any = None) -> str:
     """Write `<run>/report/report.md` (+ PNGs); returns its path. Local run directories only for plots."""
     import os
 
@@ -196,6 +226,15 @@ def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: flo
                   for p in mech["per_arm"]]
         lines += ["", f"Correlation across arms: Pearson {_fmt(mech.get('pearson'), 3)}, "
                       f"Spearman {_fmt(mech.get('spearman'), 3)}.", ""]
+    if label_column and pool is not None:
+        comp = composition(run_dir, [r["arm"] for r in rows if r["arm"] != BASE], pool, label_column)
+        labels = sorted(comp["pool"], key=lambda k: -comp["pool"][k])
+        lines += [f"## What each arm kept (share of `{label_column}`)", "",
+                  "| arm | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+        for arm, shares in comp.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{shares.get(k, 0.0):.1%}" for k in labels) + " |")
+        lines.append("")
+        write_json_atomic(join(run_dir, "report", "composition.json"), comp)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failed arms", ""] + [f"- {r['arm']}: {r['error']}" for r in failed] + [""]

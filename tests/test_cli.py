@@ -43,20 +43,9 @@ def test_job_entrypoints_parse_like_the_cli():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for name, sub in (("score_pool", "score"), ("select_top", "select"), ("identify_features", "identify"), ("run_pipeline", "run"), ("finetune", "finetune")):
+    for name, sub in (("score_pool", "score"), ("select_top", "select"), ("identify_features", "identify"), ("run_pipeline", "run"), ("finetune", "finetune"), ("demo", "demo")):
         spec = importlib.util.spec_from_file_location(name, root / "jobs" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         assert mod.parse_args(["--out", "x"]) == [sub, "--out", "x"]
         assert mod.__doc__.startswith("ray job submit --working-dir . --runtime-env runtime_env.yaml -- python jobs/")
-
-
-def test_demo_runs_end_to_end(ray_local, tmp_path, capsys):
-    from igds_ray.demo.run import run_demo
-
-    res = run_demo(str(tmp_path / "demo"), rows=300, top=3)
-    printed = capsys.readouterr().out
-    assert "kept 150 of 300 rows" in printed and "math share" in printed
-    assert res["scores"]["rows"] == 300
-    for rel in ("features/features.json", "scores/_SUCCESS", "selection/igds.parquet/_SUCCESS"):
-        assert (tmp_path / "demo" / rel).is_file(), rel

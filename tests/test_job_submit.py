@@ -1,6 +1,6 @@
 """`ray job submit` the way docs/cluster.md submits to a cluster: a real Ray head with the dashboard on
 127.0.0.1 and token authentication on, this checkout uploaded as the job's working_dir with
-runtime_env.yaml, `python jobs/score_pool.py` scoring a tiny pool. Checks that the job API refuses
+runtime_env.yaml, `python jobs/demo.py --quick` running the embedded demo end to end. Checks that the job API refuses
 callers without the token, that the job's Python imports `igds_ray` from the uploaded working_dir
 (not from an installed copy), that the upload leaves .venv behind, and that the job's outputs are
 complete.
@@ -69,12 +69,10 @@ def test_runtime_env_leaves_local_envs_behind() -> None:
 
 
 @pytest.mark.skipif(dashboard_missing() is not None, reason=f"the job API needs the dashboard: {dashboard_missing()}")
-def test_ray_job_submit_with_token_auth(tmp_path: Path) -> None:
-    from igds_ray.demo.tiny import build_world
-
+def test_ray_job_submit_quick_demo_with_token_auth(tmp_path: Path) -> None:
+    """`ray job submit ... python jobs/demo.py --quick`: the README's embedded default, submitted as a job."""
     t_start = time.time()
-    world = build_world(tmp_path / "world", n_rows=48, n_files=2, architectures=("standard",))
-    out = tmp_path / "scores"
+    run_dir = tmp_path / "demo"
     token = secrets.token_hex(32)  # made per run: a test token, never stored
     # No inherited RAY_* (the suite sets RAY_AUTH_MODE=disabled; RAY_ADDRESS would redirect) and no
     # PYTHONPATH: the job must find igds_ray through its working_dir alone.
@@ -95,18 +93,16 @@ def test_ray_job_submit_with_token_auth(tmp_path: Path) -> None:
             assert r.returncode != 0 and re.search(r"Unauthorized|Forbidden|[Aa]uthentication", r.stdout + r.stderr)
 
         sub_id = f"igds-test-{uuid.uuid4().hex[:8]}"
-        score = ["python", "jobs/score_pool.py", "--model", str(world.model_dir), "--sae", str(world.saes["standard"]),
-                 "--features", "l0_p3,l0_p17", "--pool", str(world.pool_dir), "--out", str(out),
-                 "--batch-size", "16", "--max-tokens", "128", "--token-budget", "2048"]
+        demo = ["python", "jobs/demo.py", "--quick", "--run-dir", str(run_dir)]
         # Ray quotes each word after `--`; `sh -c` runs the probe, then the documented command.
-        entrypoint = ["sh", "-c", f"python -c {shlex.quote(PROBE)} && {shlex.join(score)}"]
+        entrypoint = ["sh", "-c", f"python -c {shlex.quote(PROBE)} && {shlex.join(demo)}"]
         t_submit = time.time()
         try:
             r = cli(["job", "submit", "--address", url, "--submission-id", sub_id, "--working-dir", ".",
-                     "--runtime-env", "runtime_env.yaml", "--", *entrypoint], env, timeout=420)
+                     "--runtime-env", "runtime_env.yaml", "--", *entrypoint], env, timeout=900)
         except subprocess.TimeoutExpired:
             cli(["job", "stop", "--address", url, sub_id], env, timeout=60)
-            pytest.fail("the job did not finish in 420 s")
+            pytest.fail("the job did not finish in 900 s")
         job_s = time.time() - t_submit
         log = r.stdout + r.stderr
         assert r.returncode == 0, log[-5000:]
@@ -119,16 +115,33 @@ def test_ray_job_submit_with_token_auth(tmp_path: Path) -> None:
         wd = igds_file.parent.parent
         assert wd.parent.name == "working_dir_files", igds_file
         assert job_path[0] == str(wd)
-        assert (wd / "jobs" / "score_pool.py").exists()
+        assert (wd / "jobs" / "demo.py").exists()
         # ... and the upload left the local environments and runs behind.
         for heavy in (".venv", ".venv-vllm", ".git", "runs"):
             assert not (wd / heavy).exists(), heavy
         upload_mb = sum(f.stat().st_size for f in wd.rglob("*") if f.is_file()) / 2**20
         assert upload_mb < 20, f"working_dir upload is {upload_mb:.1f} MiB"
 
-    # Outputs: a committed scores directory with one row per pool row.
-    manifest = json.loads((out / "_SUCCESS").read_text())
-    assert manifest["rows"] == 48 and manifest["errors"] == 0
-    table = pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table()
-    assert table.num_rows == 48 and len(set(table.column("id").to_pylist())) == 48
+    # The run directory is laid out as the design's contract says, every stage committed.
+    world = json.loads((run_dir / "world" / "world.json").read_text())
+    assert world["stats"]["sae"]["saved_architecture"] == "jumprelu" and world["stats"]["params"] > 100_000
+    for rel in ("features/features.json", "features/recall.parquet/_SUCCESS", "features/causal.parquet/_SUCCESS",
+                "eval/metrics.json", "report/report.md", "config.yaml"):
+        assert (run_dir / rel).is_file(), rel
+    features = json.loads((run_dir / "features" / "features.json").read_text())["features"]
+    assert len(features) == 1 and re.fullmatch(r"l2_p\d+", features[0])
+    n_pool = sum(world["stats"]["pool_kinds"].values())
+    for arm in ("igds", "full", "random"):
+        sel = run_dir / "selection" / f"{arm}.parquet"
+        manifest = json.loads((sel / "_SUCCESS").read_text())
+        ids = pads.dataset(str(sel), format="parquet", exclude_invalid_files=True).to_table().column("id").to_pylist()
+        assert len(ids) == len(set(ids)) == manifest["rows"]
+        assert manifest["rows"] == (n_pool if arm == "full" else n_pool // 2), (arm, manifest["rows"])
+        # The demo fine-tunes all weights (a 0.3M-parameter model): an HF model directory per arm.
+        assert (run_dir / "models" / arm / "config.json").is_file() and list((run_dir / "models" / arm).glob("*.safetensors"))
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert {"base", "igds", "full", "random"} <= set(metrics["arms"])
+    assert all(a["status"] == "ok" and 0.0 <= a["metrics"]["metric"] <= 1.0 for a in metrics["arms"].values())
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "## Verdict" in report and "What each arm kept" in report and "math_wrong" in report
     print(f"\njob submit test: {time.time() - t_start:.0f} s total, job {job_s:.0f} s, upload {upload_mb:.2f} MiB")
