@@ -167,7 +167,9 @@ def composition(run_dir: str, arms: list[str], pool: Any, label_column: str) -> 
     ds = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
     missing = [c for c in (pool.id_column, label_column) if c not in ds.schema.names]
     if missing:
-        raise ValueError(f"report.label_column: the pool at {pool.path} has no column {missing[0]!r}")
+        from igds_ray.errors import ConfigError
+
+        raise ConfigError(f"report.label_column: the pool at {pool.path} has no column {missing[0]!r}")
     t = ds.to_table(columns=[pool.id_column, label_column]).to_pandas()
     labels = dict(zip(t[pool.id_column].astype(str), t[label_column].astype(str)))
     out = {"pool": t[label_column].astype(str).value_counts(normalize=True).to_dict()}

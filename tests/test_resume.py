@@ -124,7 +124,8 @@ def reference(world, ray_local, tmp_path_factory):
     return pd.read_parquet(out)
 
 
-def kill_and_resume(world, reference, tmp_path, fresh_driver: bool) -> None:
+def kill_and_resume(world, reference, tmp_path, fresh_driver: bool) -> tuple[int, int]:
+    """Kill, rerun, check everything; returns (rows finished before the kill, rows the rerun forwarded)."""
     out = tmp_path / "scores"
     argv = score_argv(world, out)
     cfg = from_dict(ScoreConfig, job_config(world, out))
@@ -186,18 +187,21 @@ def kill_and_resume(world, reference, tmp_path, fresh_driver: bool) -> None:
         score.run(cfg)
     assert json.loads((out / S.SUCCESS).read_text())["committed_at"] == manifest["committed_at"]
     assert len(pd.read_parquet(out)) == 200
+    return done_rows, forwarded
 
 
 def test_kill_whole_job_then_rerun_scores_only_the_unfinished_rows(world, reference, tmp_path):
     """The killed job is a real driver process; the refused second run and the rerun use this
     session's Ray (cheap)."""
-    kill_and_resume(world, reference, tmp_path, fresh_driver=False)
+    done, forwarded = kill_and_resume(world, reference, tmp_path, fresh_driver=False)
+    assert done > 0 and forwarded == 200 - done
 
 
 @pytest.mark.slow
 def test_kill_whole_job_then_rerun_the_same_command_in_fresh_drivers(world, reference, tmp_path):
     """Every run is `igds score` in its own driver and Ray, as an operator would rerun it."""
-    kill_and_resume(world, reference, tmp_path, fresh_driver=True)
+    done, forwarded = kill_and_resume(world, reference, tmp_path, fresh_driver=True)
+    assert done > 0 and forwarded == 200 - done
 
 
 def test_changed_config_or_pool_does_not_resume(world, ray_local, tmp_path):

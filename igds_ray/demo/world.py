@@ -198,11 +198,15 @@ def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_
     rows: list[dict] = []
     math_rows: list[tuple[MathProblem, int]] = []
 
-    def fresh_math() -> MathProblem:
+    def fresh(draw: Callable[[], Any], source: Callable[[Any], str]) -> Any:
+        """The next draw whose source text is not a held-out dev/test/recall source."""
         while True:
-            p = math_problem(rng)
-            if p.question not in held_out:
-                return p
+            item = draw()
+            if source(item) not in held_out:
+                return item
+
+    def fresh_math() -> MathProblem:
+        return fresh(lambda: math_problem(rng), lambda p: p.question)
 
     for _ in range(counts["math_correct"]):
         p = fresh_math()
@@ -233,16 +237,10 @@ def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_
         word = "plus" if p.op == "+" else "minus"
         rows.append({"prompt": f"What is {p.a} {word} {p.b}?\n", "response": str(p.answer), "kind": "math_other_format"})
     for _ in range(counts["translation"]):
-        while True:
-            en, fr = translation_pair(rng)
-            if en not in held_out:
-                break
+        en, fr = fresh(lambda: translation_pair(rng), lambda pair: pair[0])
         rows.append({"prompt": translation_prompt(en), "response": fr, "kind": "translation"})
     for _ in range(counts["summarization"]):
-        while True:
-            art, lead = summary_item(rng)
-            if art not in held_out:
-                break
+        art, lead = fresh(lambda: summary_item(rng), lambda item: item[0])
         rows.append({"prompt": summarization_prompt(art), "response": lead, "kind": "summarization"})
     for _ in range(counts["number_prose"]):
         rows.append({"prompt": "Write a sentence with numbers.\n", "response": number_prose(rng), "kind": "number_prose"})
