@@ -21,6 +21,7 @@ from igds_ray.config import (
     set_dotted,
 )
 from igds_ray.errors import ConfigError, IGDSError
+from igds_ray.tokenize import POOLINGS
 
 # flag -> dotted config key
 SCORE_FLAGS: dict[str, str] = {
@@ -35,6 +36,9 @@ SCORE_FLAGS: dict[str, str] = {
     "response_column": "pool.response_column",
     "id_column": "pool.id_column",
     "chat_template": "pool.chat_template",
+    "prompt_template": "pool.prompt_template",
+    "template_index": "pool.template_index",
+    "task": "task",
     "max_tokens": "max_tokens",
     "token_budget": "token_budget",
     "batch_size": "batch_size",
@@ -59,6 +63,7 @@ SELECT_FLAGS: dict[str, str] = {
     "n": "n",
     "arm": "arm",
     "write_rows": "write_rows",
+    "tie_seed": "tie_seed",
     "overwrite": "overwrite",
 }
 
@@ -95,13 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--features", help="comma-separated feature ids, e.g. l12_p3041,l12_p77")
     s.add_argument("--pool", help="Parquet file or directory (local, s3://, gs://)")
     s.add_argument("--out", help="output directory")
-    s.add_argument("--pooling", choices=["last", "max", "mean"])
+    s.add_argument("--pooling", choices=list(POOLINGS))
     cols = s.add_mutually_exclusive_group()
     cols.add_argument("--text-column", dest="text_column")
     cols.add_argument("--prompt-column", dest="prompt_column")
     s.add_argument("--response-column", dest="response_column")
     s.add_argument("--id-column", dest="id_column")
     s.add_argument("--chat-template", dest="chat_template", type=_bool, metavar="BOOL")
+    s.add_argument("--prompt-template", dest="prompt_template", choices=["auto", "none", "task", "chat"])
+    s.add_argument("--template-index", dest="template_index", type=int)
+    s.add_argument("--task", help="task whose template raw prompts are scored in (e.g. math); none: as stored")
     s.add_argument("--max-tokens", dest="max_tokens", type=int)
     s.add_argument("--token-budget", dest="token_budget", type=int)
     s.add_argument("--batch-size", dest="batch_size", type=int)
@@ -120,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n", type=int)
     t.add_argument("--arm")
     t.add_argument("--write-rows", dest="write_rows", type=_bool, metavar="BOOL")
+    t.add_argument("--tie-seed", dest="tie_seed", type=int)
     t.add_argument("--overwrite", action="store_const", const=True)
 
     i = sub.add_parser("identify", help="task feature identification: frequency recall + causal filtering (Ray Tune)",
@@ -153,10 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded default: build a tiny world from seeds (tasks, pool, a pretrained "
                                     "tiny Llama, an SAE trained with sae-lens), run every arm, write the report")
     d.add_argument("--run-dir", default="runs/demo", help="run directory (the world is built in <run-dir>/world)")
-    d.add_argument("--quick", action="store_true", help="a smaller world and the igds/full/random arms (CI)")
+    d.add_argument("--quick", action="store_true", help="a smaller world and the igds/full/random/oracle arms (CI)")
+    d.add_argument("--world-seed", dest="world_seed", type=int, default=0,
+                   help="build the same world spec from another seed (is a result one world's luck?)")
     d.add_argument("--seeds", type=int, default=1, help="repeat the pipeline with seeds 0..N-1; writes seeds.md")
     d.add_argument("--world", default=None, help="build or reuse the world in this directory instead")
-    d.add_argument("--arms", default=None, help="comma-separated arms (default: all; --quick: igds,full,random)")
+    d.add_argument("--arms", default=None, help="comma-separated arms, or `all` (default: every arm but the igds "
+                                                "ablations; --quick: igds,full,random,oracle)")
     return p
 
 
@@ -218,15 +230,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The run's own config says which pool column (if any) labels rows for the composition table.
             saved = read_json(join(args.run_dir, "config.json")) if exists(join(args.run_dir, "config.json")) else {}
             label = (saved.get("report") or {}).get("label_column")
-            pool = from_dict(PoolConfig, saved["pool"]) if label and saved.get("pool") else None
-            print(report.build(args.run_dir, args.gpu_price, args.cpu_price, label_column=label, pool=pool))
+            correct = (saved.get("report") or {}).get("correct_column")
+            pool = from_dict(PoolConfig, saved["pool"]) if (label or correct) and saved.get("pool") else None
+            print(report.build(args.run_dir, args.gpu_price, args.cpu_price, label_column=label, pool=pool,
+                               correct_column=correct))
         elif args.command == "demo":
             from igds_ray.demo.run import run_demo
 
             if args.seeds < 1:
                 raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
             arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
-            run_demo(args.run_dir, quick=args.quick, seeds=args.seeds, world_dir=args.world, arms=arms)
+            run_demo(args.run_dir, quick=args.quick, seeds=args.seeds, world_dir=args.world, arms=arms,
+                     world_seed=args.world_seed)
     except (IGDSError, _task_errors()) as e:
         print(f"igds {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -70,7 +70,18 @@ class PoolConfig:
     prompt_column: str = _help("prompt column", default=DEFAULT_PROMPT)
     response_column: str = _help("response column", default=DEFAULT_RESPONSE)
     id_column: str = _help("id column; a pool without it gets stable ids `<file>:<row>`", default="id")
-    chat_template: bool = _help("wrap the prompt in the tokenizer's chat template", default=False)
+    prompt_template: Literal["auto", "none", "task", "chat"] = _help(
+        "how scoring writes each prompt before the model reads it. task: through the task's template "
+        "`template_index` (the stored prompt fills {source}), the form recall and causal filtering read; "
+        "auto: the same, only for rows not already in one of the task's templates (as none when scoring has "
+        "no task); chat: the tokenizer's chat template; none: as stored. Only scoring renders task templates: "
+        "fine-tuning trains on the rows as stored (chat excepted, which fine-tuning applies too). "
+        "A text-column pool is never rendered",
+        default="auto",
+    )
+    template_index: int = _help("task template for prompt_template task/auto (the pipeline passes causal.template)",
+                                default=0)
+    chat_template: bool = _help("same as prompt_template: chat (older configs)", default=False)
     rows_per_read_task: int = _help("rows per read task (row groups are never split)", default=8192)
 
     @property
@@ -78,8 +89,19 @@ class PoolConfig:
         return (self.text_column,) if self.text_column else (self.prompt_column, self.response_column)
 
     def __post_init__(self) -> None:
-        if self.text_column and self.chat_template:
-            raise ConfigError("pool.chat_template needs prompt + response columns, not pool.text_column")
+        # `chat_template` and `prompt_template` are kept in step so that readers of either (fine-tuning
+        # reads chat_template) agree, and a config round-trips through to_dict/from_dict unchanged.
+        if self.chat_template:
+            if self.prompt_template not in ("auto", "chat"):
+                raise ConfigError(f"pool.chat_template: true contradicts pool.prompt_template: {self.prompt_template}")
+            object.__setattr__(self, "prompt_template", "chat")
+        elif self.prompt_template == "chat":
+            object.__setattr__(self, "chat_template", True)
+        if self.text_column and self.prompt_template in ("task", "chat"):
+            raise ConfigError(f"pool.prompt_template: {self.prompt_template} (pool.chat_template) needs prompt + "
+                              "response columns, not pool.text_column (a text column is never rendered)")
+        if self.template_index < 0:
+            raise ConfigError(f"pool.template_index must be >= 0, got {self.template_index}")
         if not self.text_column and self.prompt_column == self.response_column:
             raise ConfigError("pool.prompt_column and pool.response_column must differ")
         if self.rows_per_read_task < 1:
@@ -93,8 +115,9 @@ class ScoreConfig:
     features: tuple[str, ...] = _help("chosen features, e.g. [l12_p3041, l12_p77]; `acts` keeps this order")
     pool: PoolConfig = _help("the data pool")
     out: str = _help("output directory (local, s3://, gs://)")
-    pooling: Literal["last", "max", "mean"] = _help(
-        "last = last prompt token (text: last token); max/mean over response tokens (text: all tokens)",
+    pooling: Literal["last", "max", "mean", "prompt_max", "prompt_mean"] = _help(
+        "last = last prompt token (text: last token); max/mean over response tokens (text: all tokens); "
+        "prompt_max/prompt_mean over every prompt token, what recall.positions=all reads (text pools: refused)",
         default="last",
     )
     max_tokens: int = _help("truncate each example to this many tokens (recorded in `truncated`)", default=1024)
@@ -105,8 +128,18 @@ class ScoreConfig:
     num_gpus: float = _help("GPUs per scorer actor (fractions allowed)", default=0.0)
     num_cpus: float = _help("CPUs per scorer actor", default=1.0)
     overwrite: bool = _help("recompute even if the output directory holds a finished result", default=False)
+    task: str | None = _help(
+        "task whose template pool prompts are rendered in (pool.prompt_template task/auto): math, summarization, "
+        "translation, a registered name or package.module:factory; none: prompts are scored as stored",
+        default=None,
+    )
+    task_options: dict[str, Any] = _help("task options, e.g. {src_lang: de, tgt_lang: en} (the template's other "
+                                         "fields)", default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.pool.prompt_template == "task" and not self.task:
+            raise ConfigError("task: pool.prompt_template: task renders prompts through a task's template; "
+                              "give task (e.g. math) or set pool.prompt_template to auto or none")
         feats = parse_features(self.features)
         object.__setattr__(self, "features", tuple(str(f) for f in feats))
         for key in ("max_tokens", "token_budget", "batch_size", "min_actors", "max_actors"):
@@ -118,6 +151,9 @@ class ScoreConfig:
             raise ConfigError("num_gpus and num_cpus must be >= 0")
         if self.token_budget < self.max_tokens:
             raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_tokens ({self.max_tokens})")
+        if self.pooling.startswith("prompt_") and self.pool.text_column:
+            raise ConfigError(f"pooling: {self.pooling} reads the prompt of prompt + response rows; a text-column pool "
+                              "(pool.text_column) has no prompt: use max or mean")
 
     @property
     def feature_ids(self) -> tuple[FeatureId, ...]:
@@ -136,6 +172,8 @@ class SelectConfig:
                                     default=None)
     write_rows: bool = _help("also write the chosen pool rows, ready for training", default=True)
     overwrite: bool = _help("recompute even if finished", default=False)
+    tie_seed: int = _help("rows with equal scores are ordered by a hash of (tie_seed, id), not by id or file order "
+                          "(the pipeline passes its seed)", default=0)
 
     def __post_init__(self) -> None:
         if self.n is not None:
@@ -208,15 +246,42 @@ class CausalConfig:
     loglik: bool = _help("also measure the teacher-forced log-likelihood of the references (cheap pre-screen)",
                          default=True)
     fallback: Literal["none", "top_recall"] = _help(
-        "if no feature improves the metric: stop with an error (none) or keep the top recalled feature",
+        "if no feature passes the causal test: stop with an error (none) or keep the top recalled feature",
         default="none",
     )
+    mode: Literal["scale", "clamp"] = _help(
+        "scale: multiply the latent by each factor (the paper's amplification); clamp: set it to factor x its "
+        "p99 activation on the dev prompts at every position (0 ablates)", default="scale")
+    rank_by: Literal["metric", "loglik"] = _help(
+        "measure tested (Holm) and ranked on: the generation metric, or the teacher-forced log-likelihood of the "
+        "references (needs causal.loglik); the metric always confirms [inferred]", default="metric")
+    alpha: float = _help("one-sided significance level, after Holm's correction over all trials", default=0.05)
+    n_boot: int = _help("bootstrap resamples for the CIs (also the sign-flip permutations)", default=2000)
+    stats_seed: int | None = _help("seed of the search/confirm split, bootstrap and permutations; default: the "
+                                   "run seed", default=None)
+    confirm_fraction: float = _help("share of the dev examples held out to recheck the top latents (0: no "
+                                    "recheck)", default=0.3)
+    confirm_top: int = _help("latents that pass Holm rechecked on the held-out part (at most this many kept)",
+                             default=3)
 
     def __post_init__(self) -> None:
         if not self.factors or any(f < 0 for f in self.factors):
             raise ConfigError("causal.factors: a non-empty list of numbers >= 0")
         if self.k < 1 or self.dev_limit < 1 or self.gen_actors < 1 or self.max_new_tokens < 1:
             raise ConfigError("causal.k, causal.dev_limit, causal.gen_actors and causal.max_new_tokens must be >= 1")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"causal.alpha: a level in (0, 1), got {self.alpha}")
+        if self.n_boot < 100:
+            raise ConfigError(f"causal.n_boot: at least 100 resamples, got {self.n_boot}")
+        if not 0 <= self.confirm_fraction < 1:
+            raise ConfigError(f"causal.confirm_fraction: in [0, 1) (0 disables the recheck), got {self.confirm_fraction}")
+        if self.confirm_top < 1:
+            raise ConfigError(f"causal.confirm_top: at least 1, got {self.confirm_top}")
+        if self.confirm_fraction > 0 and self.confirm_top < self.k:
+            raise ConfigError(f"causal.confirm_top ({self.confirm_top}) < causal.k ({self.k}): only rechecked "
+                              "latents can be kept")
+        if self.rank_by == "loglik" and not self.loglik:
+            raise ConfigError("causal.rank_by: loglik needs causal.loglik: true")
 
 
 @dataclass(frozen=True)

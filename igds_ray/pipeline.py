@@ -5,7 +5,9 @@ its ablations, the baselines) -> fine-tune every arm -> evaluate base + arms -> 
 Arms:
 - `igds`: the chosen features (top k by causal delta); `igds_k5`: the top 5 of the same search;
   `igds_no_causal`: the top recalled latent, no causal filtering; `igds_no_recall`: causal filtering
-  over a random set of latents instead of the recalled candidates;
+  over a random set of latents instead of the recalled candidates; `igds_response`: latents that fire
+  more on the base model's correct dev answers than on its wrong ones (`stages/contrast.py`), read
+  over the pool's responses (`contrast.pooling`) whatever `score.pooling` is;
 - `random`, `loss`, `ifd`, `zip`: the baselines (`igds_ray.baselines`); `full`: every usable row.
 Every stage writes a ledger record (wall time, resources, tokens) that the report prices.
 """
@@ -20,6 +22,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
+from igds_ray.baselines import LABEL_ARMS  # noqa: F401  (re-exported for the demo)
 from igds_ray.config import (
     CausalConfig,
     ConfigError,
@@ -36,18 +39,21 @@ from igds_ray.config import (
     to_dict,
 )
 from igds_ray.ledger import Record, read_all, record
+from igds_ray.stages.contrast import ContrastConfig
 from igds_ray.stages.evaluate import EvalConfig
 from igds_ray.storage import StageDir, exists, join, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-IGDS_ARMS = ("igds", "igds_k5", "igds_no_causal", "igds_no_recall")
-BASELINE_ARMS = ("full", "random", "loss", "ifd", "zip")
+IGDS_ARMS = ("igds", "igds_k5", "igds_no_causal", "igds_no_recall", "igds_response")
+BASELINE_ARMS = ("full", "random", "loss", "ifd", "zip", "oracle")
 
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    pooling: Literal["last", "max", "mean"] = _help("Feature-Resonant Score pooling", default="last")
+    pooling: Literal["last", "max", "mean", "prompt_max", "prompt_mean"] = _help(
+        "Feature-Resonant Score pooling: last prompt token; max/mean over the response; prompt_max/prompt_mean over "
+        "every prompt token (what recall.positions=all reads)", default="last")
     max_tokens: int = _help("tokens per example", default=1024)
     token_budget: int = _help("padded tokens per forward micro-batch", default=16384)
     batch_size: int = _help("rows per Ray Data batch", default=512)
@@ -61,6 +67,9 @@ class ScoreOptions:
 class ReportOptions:
     price_per_gpu_hour: float = _help("$ per GPU-hour for the cost column", default=2.5)
     price_per_cpu_hour: float = _help("$ per CPU-hour for the cost column", default=0.05)
+    correct_column: str | None = _help("a boolean pool column (true: correct answer, false: wrong, null: neither; "
+                                       "never read by selection): the report gives each IGDS scores directory's "
+                                       "AUROC for correct against wrong rows", default=None)
     label_column: str | None = _help("a pool column of row labels (e.g. a quality or source tag, never read by "
                                      "selection): the report tabulates each arm's share of every label", default=None)
 
@@ -84,6 +93,8 @@ class RunConfig:
     evaluate: EvalConfig = _help("evaluation", default_factory=EvalConfig)
     report: ReportOptions = _help("report prices", default_factory=ReportOptions)
     no_recall_candidates: int = _help("random latents searched by the igds_no_recall ablation", default=0)
+    contrast: ContrastConfig = _help("latents telling correct answers from wrong ones (the igds_response arm)",
+                                     default_factory=ContrastConfig)
     seed: int = _help("seed for sampling, random baseline, training", default=0)
     overwrite: bool = _help("recompute every stage", default=False)
 
@@ -96,9 +107,9 @@ class RunConfig:
             raise ConfigError(f"arms: unknown arm {bad[0]!r} (known: {', '.join(sorted(known))})")
         if len(set(self.arms)) != len(self.arms):
             raise ConfigError("arms: an arm is listed twice")
-        unknown = set(self.baselines) - {"random", "lm", "zip"}
+        unknown = set(self.baselines) - {"random", "lm", "zip", "oracle"}
         if unknown:
-            raise ConfigError(f"baselines: unknown scorer {sorted(unknown)[0]!r} (known: random, lm, zip)")
+            raise ConfigError(f"baselines: unknown scorer {sorted(unknown)[0]!r} (known: random, lm, zip, oracle)")
         if self.pool.text_column:
             raise ConfigError("pool: training needs prompt + response columns, not pool.text_column")
 
@@ -149,8 +160,10 @@ class Pipeline:
             return {}
         rc, cc = c.recall, c.causal
         icfg = self.identify_cfg()
+        # igds_response reads answers, not recalled prompt latents: alone, it needs no recall.
+        needs_recall = [a for a in igds_arms if a != "igds_response"]
         table = self.stage("recall", "-", lambda: recall.run(icfg), cpus=rc.actors * rc.num_cpus,
-                           gpus=rc.actors * rc.num_gpus, used_by=igds_arms)
+                           gpus=rc.actors * rc.num_gpus, used_by=needs_recall) if needs_recall else None
         sets: dict[str, list[str]] = {}
         needs_causal = [a for a in igds_arms if a in ("igds", "igds_k5")]
         if needs_causal:
@@ -173,6 +186,13 @@ class Pipeline:
             sets["igds_no_recall"] = self.stage(
                 "causal_no_recall", "-", self._no_recall, cpus=cc.gen_actors * cc.gen_num_cpus,
                 gpus=cc.gen_actors * cc.gen_num_gpus, used_by=["igds_no_recall"])
+        if "igds_response" in igds_arms:
+            from igds_ray.stages import contrast
+
+            ct = c.contrast
+            sets["igds_response"] = list(self.stage(
+                "contrast", "-", lambda: contrast.run(icfg, ct), cpus=ct.num_cpus, gpus=ct.num_gpus,
+                used_by=["igds_response"])["features"])
         write_json_atomic(join(c.run_dir, "features", "arms.json"), sets)
         return {a: sets[a] for a in igds_arms}
 
@@ -203,25 +223,34 @@ class Pipeline:
 
     # -- data ------------------------------------------------------------------------------------
 
-    def score_igds(self, arms: list[str], features: list[str]) -> str:
+    def score_igds(self, arms: list[str], features: list[str], pooling: str | None = None) -> str:
         from igds_ray.stages import score
 
         c, s = self.cfg, self.cfg.score
-        # Arms with the same feature set share one scores directory.
-        key = "_".join(features)
+        pooling = pooling or s.pooling
+        # Arms with the same feature set and pooling share one scores directory (named as before
+        # when the pooling is score.pooling's).
+        key = "_".join(features) + ("" if pooling == s.pooling else f"_{pooling}")
         out = join(c.run_dir, "scores", f"frs_{key}")
-        cfg = ScoreConfig(model=c.model, sae=c.sae, features=tuple(features), pool=c.pool, out=out,
-                          pooling=s.pooling, max_tokens=s.max_tokens, token_budget=s.token_budget,
+        # Raw pool prompts are scored in the template causal filtering generated with (one of recall's).
+        if c.pool.template_index not in (0, c.causal.template):
+            log.warning("pool.template_index=%d is replaced by causal.template=%d for scoring",
+                        c.pool.template_index, c.causal.template)
+        pool = dataclasses.replace(c.pool, template_index=c.causal.template)
+        cfg = ScoreConfig(model=c.model, sae=c.sae, features=tuple(features), pool=pool, out=out,
+                          pooling=pooling, max_tokens=s.max_tokens, token_budget=s.token_budget,
                           batch_size=s.batch_size, min_actors=s.min_actors, max_actors=s.max_actors,
-                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite)
+                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite,
+                          task=c.task.name, task_options=dict(c.task.options))
         self.stage(f"score_{key}", "-", lambda: score.run(cfg), cpus=s.max_actors * s.num_cpus,
                    gpus=s.max_actors * s.num_gpus, used_by=arms, tokens=lambda m: m.get("tokens"),
                    rows=lambda m: m.get("rows"))
         return out
 
     def score_baseline(self, scorer: str, arms: list[str]) -> str:
-        from igds_ray.baselines import lm, random, zip as zip_
+        from igds_ray.baselines import lm, oracle, random, zip as zip_
         from igds_ray.baselines.lm import LMConfig
+        from igds_ray.baselines.oracle import OracleConfig
         from igds_ray.baselines.random import RandomConfig
         from igds_ray.baselines.zip import ZipConfig
 
@@ -232,6 +261,9 @@ class Pipeline:
         if scorer == "random":
             cfg = from_dict(RandomConfig, {"seed": c.seed, **opts, **base})
             fn, cpus, gpus = (lambda: random.run(cfg)), cfg.num_cpus, 0.0
+        elif scorer == "oracle":
+            cfg = from_dict(OracleConfig, {"seed": c.seed, **opts, **base})
+            fn, cpus, gpus = (lambda: oracle.run(cfg)), cfg.num_cpus, 0.0
         elif scorer == "lm":
             cfg = from_dict(LMConfig, {**opts, **base, "model": to_dict(c.model)})
             fn, cpus, gpus = (lambda: lm.run(cfg)), cfg.actors * cfg.num_cpus, cfg.actors * cfg.num_gpus
@@ -247,7 +279,7 @@ class Pipeline:
 
         c = self.cfg
         cfg = SelectConfig(scores=scores, out=join(c.run_dir, "selection"), arm=arm,
-                           **{"fraction": c.fraction, **kw}, overwrite=c.overwrite)
+                           **{"fraction": c.fraction, **kw}, overwrite=c.overwrite, tie_seed=c.seed)
         self.stage("select", arm, lambda: select.run(cfg), cpus=1.0, rows=lambda m: m.get("rows"))
         return join(c.run_dir, "selection", f"{arm}.parquet")
 
@@ -256,12 +288,14 @@ class Pipeline:
 
         c = self.cfg
         out: dict[str, str] = {}
-        by_features: dict[tuple[str, ...], list[str]] = {}
+        by_features: dict[tuple[tuple[str, ...], str], list[str]] = {}
         for arm in c.arms:
             if arm in IGDS_ARMS:
-                by_features.setdefault(tuple(features[arm]), []).append(arm)
-        for feats, arms in by_features.items():
-            scores = self.score_igds(arms, list(feats))
+                # igds_response reads its latents over the responses, whatever score.pooling is.
+                pooling = c.contrast.pooling if arm == "igds_response" else c.score.pooling
+                by_features.setdefault((tuple(features[arm]), pooling), []).append(arm)
+        for (feats, pooling), arms in by_features.items():
+            scores = self.score_igds(arms, list(feats), pooling)
             for arm in arms:
                 out[arm] = self.select(arm, scores)
         by_scorer: dict[str, list[str]] = {}
@@ -332,7 +366,8 @@ class Pipeline:
             ev["arms"].update({a: {"status": "failed", "error": err} for a, err in failed.items()})
             write_json_atomic(join(c.run_dir, "eval", "metrics.json"), ev)
         return report.build(c.run_dir, c.report.price_per_gpu_hour, c.report.price_per_cpu_hour,
-                            label_column=c.report.label_column, pool=c.pool)
+                            label_column=c.report.label_column, pool=c.pool,
+                            correct_column=c.report.correct_column)
 
 
 def _write_yaml(uri: str, data: dict) -> None:

@@ -11,6 +11,11 @@ from igds_ray.storage import StageDir, exists, join, read_json, write_json_atomi
 
 BASE = "base"
 FULL = "full"
+from igds_ray.baselines import LABEL_ARMS as CEILING  # noqa: E402  (arms that read the pool's labels)
+
+
+def arm_label(arm: str) -> str:
+    return f"{arm} (ceiling: reads labels)" if arm in CEILING else arm
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -71,7 +76,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     ok = {r["arm"]: r for r in rows if r["metric"] is not None}
     out = []
     igds = [a for a in ok if a.startswith("igds")]
-    others = [a for a in ok if not a.startswith("igds") and a != BASE]
+    others = [a for a in ok if not a.startswith("igds") and a != BASE and a not in CEILING]
     for a in sorted(igds):
         beats = [o for o in others if ok[a]["metric"] > ok[o]["metric"]]
         loses = [o for o in others if ok[a]["metric"] < ok[o]["metric"]]
@@ -81,6 +86,12 @@ def verdicts(rows: list[dict]) -> list[str]:
             s += f"; loses to {', '.join(loses)}"
         if ties:
             s += f"; ties {', '.join(ties)}"
+        out.append(s + ".")
+    for c in (c for c in CEILING if c in ok):
+        s = f"- Ceiling **{c}** (reads the pool's labels, which no method may): {ok[c]['metric']:.4f}"
+        if FULL in ok and "igds" in ok and ok[c]["metric"] != ok[FULL]["metric"]:
+            gap = (ok["igds"]["metric"] - ok[FULL]["metric"]) / (ok[c]["metric"] - ok[FULL]["metric"])
+            s += f"; igds closes {gap:.0%} of the gap from full to it"
         out.append(s + ".")
     if BASE in ok:
         worse = [a for a in ok if a != BASE and ok[a]["metric"] < ok[BASE]["metric"]]
@@ -98,6 +109,20 @@ def verdicts(rows: list[dict]) -> list[str]:
     if failed:
         out.append(f"- Failed arms (no metric): {', '.join(failed)}.")
     return out
+
+
+def feature_verdict(run_dir: str) -> list[str]:
+    """A sentence when IGDS ran without a causally validated feature (features.json says how it chose)."""
+    path = join(run_dir, "features", "features.json")
+    if not exists(path):
+        return []
+    f = read_json(path)
+    how = str(f.get("selected_by", ""))
+    if how.startswith("fallback"):
+        why = f.get("fallback_reason") or "no candidate passed the causal filter"
+        return [f"- **IGDS ran without a causally validated feature**: {', '.join(f.get('features', []))} chosen by "
+                f"{how} ({why})."]
+    return []
 
 
 def plots(run_dir: str, rows: list[dict], out_dir: str) -> list[str]:
@@ -187,8 +212,36 @@ def composition(run_dir: str, arms: list[str], pool: Any, label_column: str) -> 
     return out
 
 
+def selection_facts(run_dir: str, arms: list[str]) -> list[str]:
+    """Per arm, from its selection manifest: the share of scored rows at exactly 0, the cutoff score,
+    the tie block at the cutoff (kept / rows scoring exactly the cutoff), and for scores that
+    rendered prompts into the task template, how many. Arms selected before these facts were
+    recorded show dashes."""
+    out = ["## Selection cutoffs", "",
+           "| arm | kept / scored | zero share | cutoff score | tie block kept / total | prompts rendered |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for arm in arms:
+        sel = StageDir(join(run_dir, "selection", f"{arm}.parquet"))
+        if not sel.done():
+            continue
+        m = sel.manifest()
+        cut, tie = m.get("cutoff") or {}, m.get("tie_block") or {}
+        zero = m.get("zero_share")
+        rendered = "–"
+        if m.get("scores") and StageDir(m["scores"]).done():
+            p = StageDir(m["scores"]).manifest().get("prompts") or {}
+            if p:
+                rendered = (f"{p.get('rendered_rows', 0)} ({p.get('applied')}, task template {p['template_index']})"
+                            if p.get("applied") in ("auto", "task") else f"0 ({p.get('applied')})")
+        zero_s = "–" if zero is None else f"{zero:.1%}"
+        tie_s = f"{tie['kept']} / {tie['rows']}" if tie else "–"
+        out.append(f"| {arm} | {m.get('rows', '–')} / {m.get('rows_scored', '–')} | {zero_s} "
+                   f"| {_fmt(cut.get('score'))} | {tie_s} | {rendered} |")
+    return out + [""] if len(out) > 4 else []
+
+
 def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: float = 0.05,
-          label_column: str | None = None, pool: Any = None) -> str:
+          label_column: str | None = None, pool: Any = None, correct_column: str | None = None) -> str:
     """Write `<run>/report/report.md` (+ PNGs); returns its path. Local run directories only for plots."""
     import os
 
@@ -213,11 +266,12 @@ def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: flo
     for r in rows:
         wall = ", ".join(f"{k} {v}" for k, v in r["wall"].items()) or "–"
         lines.append(
-            f"| {r['arm']}{'' if r['status'] == 'ok' else ' (failed)'} | {_fmt(r['fraction'], 3)} | {_fmt(r['rows'])} "
+            f"| {arm_label(r['arm'])}{'' if r['status'] == 'ok' else ' (failed)'} | {_fmt(r['fraction'], 3)} "
+            f"| {_fmt(r['rows'])} "
             f"| {_fmt(r['metric'])} | {_signed(r['d_full'])} | {_signed(r['d_base'])} | {_fmt(r['train_tokens'])} "
             f"| {wall} | {r['gpu_h']:.4f} | {r['cpu_h']:.4f} | {r['cost']:.4f} |"
         )
-    lines += ["", "## Verdict", *verdicts(rows), ""]
+    lines += ["", "## Verdict", *feature_verdict(run_dir), *verdicts(rows), ""]
     mech = metrics.get("mechanism", {})
     if mech.get("per_arm"):
         lines += ["## Mechanism", "",
@@ -228,6 +282,7 @@ def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: flo
                   for p in mech["per_arm"]]
         lines += ["", f"Correlation across arms: Pearson {_fmt(mech.get('pearson'), 3)}, "
                       f"Spearman {_fmt(mech.get('spearman'), 3)}.", ""]
+    lines += selection_facts(run_dir, [r["arm"] for r in rows if r["arm"] != BASE])
     if label_column and pool is not None:
         comp = composition(run_dir, [r["arm"] for r in rows if r["arm"] != BASE], pool, label_column)
         labels = sorted(comp["pool"], key=lambda k: -comp["pool"][k])
@@ -237,6 +292,17 @@ def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: flo
             lines.append(f"| {arm} | " + " | ".join(f"{shares.get(k, 0.0):.1%}" for k in labels) + " |")
         lines.append("")
         write_json_atomic(join(run_dir, "report", "composition.json"), comp)
+    if correct_column and pool is not None:
+        from igds_ray.stages.contrast import arm_label_aurocs
+
+        aucs = arm_label_aurocs(run_dir, [r["arm"] for r in rows if r["arm"].startswith("igds")], pool.path,
+                                correct_column)
+        lines += [f"## Does each IGDS score tell correct answers from wrong ones? (AUROC on `{correct_column}`)", "",
+                  "| scores | arms | AUROC | correct rows | wrong rows |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {a['scores']} | {', '.join(a['arms'])} | {_fmt(a['auroc'], 3)} | {a['n_correct']} "
+                  f"| {a['n_wrong']} |" for a in aucs]
+        lines.append("")
+        write_json_atomic(join(run_dir, "report", "correct_auroc.json"), aucs)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failed arms", ""] + [f"- {r['arm']}: {r['error']}" for r in failed] + [""]

@@ -19,6 +19,7 @@ ERROR = "error"
 SRC_FILE = "src_file"  # pool file, relative to the pool root
 SRC_ROW = "src_row"  # row index inside that file
 RANK = "rank"
+RENDERED = "rendered"  # igds scores only: the prompt was put into the task template before scoring
 
 # Columns the baseline scorers add to a scores part (igds_ray.baselines).
 LOSS = "loss"  # mean NLL of the response tokens given BOS + prompt (the SFT loss)

@@ -91,17 +91,27 @@ def test_seeds_table_statistics():
     assert table["full"]["std"] == pytest.approx(0.1) and table["igds"]["d_full"] == pytest.approx(0.02)
     assert table["igds"]["d_base"] == pytest.approx(0.32)
     text = render_seeds({"table": seeds_table(runs), "runs": runs})
-    # 0.02 difference vs full with SE sqrt(0.02^2/3 + 0.1^2/3) = 0.0589: a tie, not a win.
-    assert "igds ties with full" in text and "igds beats base" in text
+    # Paired over seeds: igds - full = 0.10, -0.08, 0.04 (mean 0.02, SE 0.0917/sqrt 3 = 0.0529): a tie;
+    # igds - base = 0.30, 0.32, 0.34 (SE 0.0115): a win.
+    assert "igds ties with full: +0.0200 (±2 SE 0.1058)" in text and "igds beats base: +0.3200" in text
+    assert table["full"]["se2"] == pytest.approx(2 * 0.1 / 3 ** 0.5)
+    runs[0]["metrics"]["oracle"] = 0.9
+    assert "oracle (ceiling: reads the pool's labels)" in render_seeds({"table": seeds_table(runs), "runs": runs})
 
 
 def test_demo_config_is_a_valid_run_config(tmp_path):
-    from igds_ray.demo.run import ALL_ARMS, QUICK_ARMS, demo_config
+    from igds_ray.demo.run import ABLATION_ARMS, ALL_ARMS, DEFAULT_ARMS, QUICK_ARMS, demo_config
 
     world = W._world(tmp_path, W.WorldSpec(), {})
     full = demo_config(world, str(tmp_path / "run"))
     quick = demo_config(world, str(tmp_path / "run"), quick=True, seed=2)
-    assert tuple(full.arms) == ALL_ARMS and tuple(quick.arms) == QUICK_ARMS and quick.seed == 2
+    assert tuple(full.arms) == DEFAULT_ARMS and tuple(quick.arms) == QUICK_ARMS and quick.seed == 2
+    assert "oracle" in DEFAULT_ARMS and "oracle" in QUICK_ARMS and not set(ABLATION_ARMS) & set(DEFAULT_ARMS)
+    assert tuple(demo_config(world, str(tmp_path / "run"), arms=("all",)).arms) == ALL_ARMS
+    assert full.baselines["oracle"] == {"column": "utility"}
+    # The pipeline fine-tunes with the settings the world's P1/P2 check used.
+    assert (full.finetune["epochs"], full.finetune["lr"]) == (W.WorldSpec().ft_epochs, W.WorldSpec().ft_lr)
+    assert W.WorldSpec(seed=1).key() != W.WorldSpec().key()
     assert full.evaluate.template == full.causal.template == 1  # the template the pool's prompts use
     assert full.report.label_column == "kind" and full.pool.id_column == "id"
     assert W.WorldSpec().key() != W.WorldSpec.quick().key() and W.WorldSpec().key() == W.WorldSpec().key()

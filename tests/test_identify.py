@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -111,29 +112,76 @@ def test_hf_backend_intervention_changes_output_and_counts(planted):
     assert ll1 > ll0
 
 
+STAT_COLUMNS = ["delta", "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "test", "loglik_delta",
+                "loglik_ci_low", "loglik_ci_high", "loglik_p", "loglik_p_holm", "n_search", "passed_holm",
+                "confirm_delta", "confirm_ci_low", "confirm_p", "confirm_p_holm", "confirm_metric_delta", "kept"]
+
+
 def test_causal_filter_ranks_the_planted_feature_first(planted, ray_local, tmp_path, task_registered):
-    cfg = identify_cfg(planted, tmp_path)
+    # Two actors share the 2-CPU test cluster with the trials (0.1 CPU each).
+    cfg = identify_cfg(planted, tmp_path, gen_actors=2, gen_num_cpus=0.5)
     res = identify.run(cfg)
-    assert res["features"] == [f"l1_p{PLANTED}"] and res["selected_by"] == "causal"
-    assert res["details"][0]["factor"] == 30.0 and res["details"][0]["delta"] > 0.5
+    assert res["features"] == [f"l1_p{PLANTED}"] and res["selected_by"] == "causal" and res["fallback_reason"] is None
+    d = res["details"][0]
+    assert d["factor"] == 30.0 and d["delta"] > 0.5 and d["test"] == "mcnemar_exact"
+    assert d["delta_ci_low"] > 0 and d["p_holm"] < 0.05 and d["passed_holm"]
+    assert d["confirm_p_holm"] < 0.05 and d["confirm_metric_delta"] >= 0 and d["confirm_delta"] > 0
+    assert (res["n_search"], res["n_confirm"], res["alpha"], res["rank_by"], res["mode"]) == (17, 7, 0.05, "metric",
+                                                                                              "scale")
     trials = pd.read_parquet(tmp_path / "features" / "causal.parquet")
+    assert set(STAT_COLUMNS) <= set(trials.columns)
     n_cand = int(pd.read_parquet(tmp_path / "features" / "recall.parquet")["candidate"].sum())
-    assert len(trials) == 2 * n_cand and (trials["status"] == "ok").all()
+    assert len(trials) == 2 * n_cand and (trials["status"] == "ok").all() and (trials["n_search"] == 17).all()
     others = trials[trials["index"] != PLANTED]
-    assert (others["delta"] < res["details"][0]["delta"]).all()
+    assert (others["delta"] < d["delta"]).all() and not others["passed_holm"].any() and not others["kept"].any()
+    # Holm over every trial: the planted trial's adjusted p is its raw p times the family size at most.
+    top = trials[(trials["index"] == PLANTED) & (trials["factor"] == 30.0)].iloc[0]
+    assert top["p_value"] < top["p_holm"] <= len(trials) * top["p_value"] and top["kept"]
     assert res["loglik_vs_metric_spearman"] is not None and res["model_load_share"] < 1
+    # The noise floor: the base ran twice on each of the 2 actors, on both parts.
+    floor = res["noise_floor"]
+    assert sorted((r["actor"], r["repeat"], r["part"]) for r in floor["runs"]) == sorted(
+        (a, r, p) for a in (0, 1) for r in (0, 1) for p in ("search", "confirm"))
+    for part in ("search", "confirm"):
+        f = floor[part]
+        assert f["runs"] == 4 and len(f["disagreements_vs_first_run"]) == 4
+        assert f["base_is_worst_case"] == (f["examples_disagreeing"] > 0 or f["metric_max_abs_diff"] > 0)
+    ex = pd.read_parquet(tmp_path / "features" / "causal_examples.parquet")
+    assert (ex["kind"] == "base").sum() == 8 and (ex["kind"] == "trial").sum() == len(trials)
+    assert (ex["kind"] == "confirm").sum() == res["rechecked"] >= 1
+    assert {len(s) for s in ex[ex["part"] == "search"]["scores"]} == {17}
     on_disk = json.loads((tmp_path / "features" / "features.json").read_text())
-    assert on_disk["features"] == res["features"]
+    assert on_disk["features"] == res["features"] and on_disk["details"][0]["p_holm"] == d["p_holm"]
+    assert [t["feature"] for t in causal.choose(trials.to_dict("records"), 5)] == res["features"]
     # A finished search is not rerun.
     assert identify.run(cfg)["search_wall_s"] == res["search_wall_s"]
 
 
-def test_no_helpful_feature_is_a_clear_stop(planted, ray_local, tmp_path, task_registered):
-    cfg = identify_cfg(planted, tmp_path, factors=[1.0])  # factor 1 changes nothing: no delta > 0
-    with pytest.raises(causal.NoHelpfulFeature, match="no candidate latent improved"):
+def test_no_effect_keeps_nothing_and_the_fallback_says_why(planted, ray_local, tmp_path, task_registered):
+    cfg = identify_cfg(planted, tmp_path, factors=[1.0])  # factor 1 changes nothing: every delta is 0
+    with pytest.raises(causal.NoHelpfulFeature, match="no trial cleared Holm-corrected alpha=0.05"):
         identify.run(cfg)
-    cfg = identify_cfg(planted, tmp_path / "fb", factors=[1.0], fallback="top_recall")
-    assert identify.run(cfg)["selected_by"] == "fallback:top_recall"
+    trials = pd.read_parquet(tmp_path / "features" / "causal.parquet")
+    assert (trials["p_value"] == 1.0).all() and not trials["passed_holm"].any()
+    # Same run directory: the finished Tune search is restored, only the decision changes.
+    res = identify.run(identify_cfg(planted, tmp_path, factors=[1.0], fallback="top_recall"))
+    assert res["selected_by"] == "fallback" and res["trial_evaluations_this_run"] == 0
+    assert res["fallback_reason"].startswith("no trial cleared Holm-corrected alpha=0.05 on the metric")
+    assert res["details"][0]["feature"] == res["features"][0] and res["details"][0]["p_holm"] is None
+
+
+def test_clamp_mode_finds_the_planted_feature(planted, ray_local, tmp_path, task_registered):
+    res = identify.run(identify_cfg(planted, tmp_path, mode="clamp"))
+    assert res["features"] == [f"l1_p{PLANTED}"] and (res["mode"], res["rank_by"]) == ("clamp", "metric")
+    d = res["details"][0]
+    # The planted latent reads 0.002 everywhere (its encoder is zeroed): p99 = 0.002, clamped to 30x that.
+    assert d["act_p99"] == pytest.approx(0.002, rel=1e-3) and d["clamp_value"] == pytest.approx(30 * d["act_p99"])
+    assert d["p_holm"] < 0.05 and d["confirm_p_holm"] < 0.05 and d["confirm_metric_delta"] > 0
+    trials = pd.read_parquet(tmp_path / "features" / "causal.parquet")
+    np.testing.assert_allclose(trials["clamp_value"], trials["factor"] * trials["act_p99"])
+    assert (trials[trials["factor"] == 0.0]["clamp_value"] == 0.0).all()  # factor 0 ablates
+    assert (trials["act_p99"] > 0).all() and trials["loglik_p_holm"].notna().all()
+    assert set(trials["loglik_test"]) <= {"sign_flip_exact", "sign_flip_permutation"}
 
 
 def test_dev_set_too_small(planted, ray_local, tmp_path, task_registered):
@@ -142,10 +190,15 @@ def test_dev_set_too_small(planted, ray_local, tmp_path, task_registered):
         identify.run(cfg)
 
 
-def test_spearman():
-    assert causal.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert causal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(causal.spearman([1, 1, 1], [1, 2, 3]))
+def test_causal_config_refuses_bad_statistics_keys():
+    from igds_ray.errors import ConfigError
+
+    for bad, key in ((dict(alpha=1.5), "causal.alpha"), (dict(confirm_fraction=1.0), "causal.confirm_fraction"),
+                     (dict(n_boot=10), "causal.n_boot"), (dict(rank_by="loglik", loglik=False), "causal.rank_by"),
+                     (dict(k=5, confirm_top=3), "causal.confirm_top"), (dict(mode="steer"), "causal.mode")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            identify_cfg(Path("/x"), Path("/y"), **bad)
+    assert identify_cfg(Path("/x"), Path("/y"), k=5, confirm_top=3, confirm_fraction=0.0).causal.k == 5
 
 
 def slow_says_target():
@@ -206,9 +259,9 @@ def test_interrupted_search_resumes_without_rerunning_trials(planted, ray_local,
     res = identify.run(identify_cfg(planted, run_dir))
     n_trials = res["trials"]
     assert res["features"] == [f"l1_p{PLANTED}"] and res["failed_trials"] == 0
-    # This run evaluated the base once plus only the trials the killed run had not finished.
-    assert res["evaluations_this_run"] <= 1 + n_trials - 3
-    assert res["evaluations_this_run"] >= 1 + n_trials - done_before
+    # This run generated only the trials the killed run had not finished (besides the base and recheck).
+    assert res["trial_evaluations_this_run"] <= n_trials - 3
+    assert res["trial_evaluations_this_run"] >= n_trials - done_before
     assert total is None or total <= n_trials
 
 
@@ -236,4 +289,6 @@ def test_a_crashing_trial_is_reported_and_the_search_goes_on(planted, ray_local,
     assert len(bad) >= 1 and (bad["index"] == PLANTED).all() and (bad["factor"] == 30.0).all()
     assert bad["error"].str.contains("metric crashed on purpose").all()
     assert (trials["status"] == "ok").sum() == len(trials) - len(bad)
-    assert res["failed_trials"] == len(bad) and res["selected_by"] in ("causal", "fallback:top_recall")
+    # Every per-example score is 0 under this task, so nothing can pass and the fallback says why.
+    assert res["failed_trials"] == len(bad) and res["selected_by"] == "fallback" and res["fallback_reason"]
+    assert bad["p_value"].isna().all() and not bad["passed_holm"].any()

@@ -125,13 +125,15 @@ def test_ray_job_submit_quick_demo_with_token_auth(tmp_path: Path) -> None:
     # The run directory is laid out as the design's contract says, every stage committed.
     world = json.loads((run_dir / "world" / "world.json").read_text())
     assert world["stats"]["sae"]["saved_architecture"] == "jumprelu" and world["stats"]["params"] > 100_000
+    cal = world["stats"]["calibration"]  # the world measured P1/P2 itself, on the dev set
+    assert cal["set"] == "dev" and {"base", "full", "oracle", "p1", "p2"} <= set(cal)
     for rel in ("features/features.json", "features/recall.parquet/_SUCCESS", "features/causal.parquet/_SUCCESS",
                 "eval/metrics.json", "report/report.md", "config.yaml"):
         assert (run_dir / rel).is_file(), rel
     features = json.loads((run_dir / "features" / "features.json").read_text())["features"]
     assert len(features) == 1 and re.fullmatch(r"l2_p\d+", features[0])
     n_pool = sum(world["stats"]["pool_kinds"].values())
-    for arm in ("igds", "full", "random"):
+    for arm in ("igds", "full", "random", "oracle"):
         sel = run_dir / "selection" / f"{arm}.parquet"
         manifest = json.loads((sel / "_SUCCESS").read_text())
         ids = pads.dataset(str(sel), format="parquet", exclude_invalid_files=True).to_table().column("id").to_pylist()
@@ -140,8 +142,9 @@ def test_ray_job_submit_quick_demo_with_token_auth(tmp_path: Path) -> None:
         # The demo fine-tunes all weights (a 0.3M-parameter model): an HF model directory per arm.
         assert (run_dir / "models" / arm / "config.json").is_file() and list((run_dir / "models" / arm).glob("*.safetensors"))
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert {"base", "igds", "full", "random"} <= set(metrics["arms"])
+    assert {"base", "igds", "full", "random", "oracle"} <= set(metrics["arms"])
     assert all(a["status"] == "ok" and 0.0 <= a["metrics"]["metric"] <= 1.0 for a in metrics["arms"].values())
     report = (run_dir / "report" / "report.md").read_text()
     assert "## Verdict" in report and "What each arm kept" in report and "math_wrong" in report
+    assert "oracle (ceiling: reads labels)" in report
     print(f"\njob submit test: {time.time() - t_start:.0f} s total, job {job_s:.0f} s, upload {upload_mb:.2f} MiB")

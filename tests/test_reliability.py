@@ -113,7 +113,7 @@ def test_hostile_rows_keep_their_ids(scorers, pooling, text_column):
         assert out.num_rows == n
         assert out.column(S.ID).to_pylist() == table.column(S.ID).to_pylist()
         assert out.column(S.SRC_ROW).to_pylist() == list(range(n))
-        assert out.schema.equals(S.scores_schema(pa.string()))
+        assert out.schema.equals(S.scores_schema(pa.string()).append(pa.field(S.RENDERED, pa.bool_())))
         for r in out.to_pylist():
             assert (r[S.SCORE] is None) == (r[S.ERROR] is not None), r
             if r[S.SCORE] is None:

@@ -182,6 +182,10 @@ def test_ray_job_scores_every_row_once(world, scored):
     np.testing.assert_allclose(df[S.SCORE], [float(np.sum(a, dtype=np.float64)) for a in df[S.ACTS]], rtol=1e-6)
     assert manifest["tokens"] == int(df[S.N_TOKENS].sum())
     assert manifest["config"]["features"] == ["l0_p3", "l0_p17", "l0_p40"]
+    # No task given: `auto` scores prompts as stored, and the manifest says so.
+    p = manifest["prompts"]
+    assert (p["prompt_template"], p["applied"], p["task"], p["rendered_rows"]) == ("auto", "none", None, 0)
+    assert p["note"].startswith("no task given") and not df[S.RENDERED].any()
     names = os.listdir(cfg.out)
     assert "_SUCCESS" in names and not any(n.startswith("_attempt") for n in names)
     committed = json.loads((Path(cfg.out) / "_SUCCESS").read_text())["files"]

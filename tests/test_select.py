@@ -1,6 +1,9 @@
-"""Selection: exact, deterministic top fraction / top n with ties broken by id, rows fetched back."""
+"""Selection: exact, deterministic top fraction / top n with ties broken by a seeded hash of the id,
+rows fetched back; zero share and the tie block at the cutoff in the manifest."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pandas as pd
@@ -8,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from igds_ray import report
 from igds_ray import schema as S
 from igds_ray.config import SelectConfig, from_dict
 from igds_ray.errors import ConfigError, StageOutputError
@@ -50,10 +54,18 @@ def scored_world(tmp_path_factory):
     return write_scored_world(tmp_path_factory.mktemp("sel"))
 
 
-def expected_top(scores_dir, k):
+def tie_hash(seed: int, i) -> int:
+    """The tie order written out again from its definition (blake2b of the id keyed by the seed)."""
+    key = b"igds-select-tie:" + seed.to_bytes(16, "little", signed=True)
+    tag = b"i:" if isinstance(i, (int, np.integer)) else b"s:"
+    return int.from_bytes(hashlib.blake2b(tag + str(i).encode(), digest_size=8, key=key).digest(), "little") >> 1
+
+
+def expected_top(scores_dir, k, seed=0):
     df = pd.read_parquet(scores_dir)
-    df = df[df[S.SCORE].notna()]
-    return df.sort_values([S.SCORE, S.ID], ascending=[False, True]).head(k)
+    df = df[df[S.SCORE].notna()].copy()
+    df["tie"] = [tie_hash(seed, i) for i in df[S.ID]]
+    return df.sort_values([S.SCORE, "tie", S.ID], ascending=[False, True, True]).head(k)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.1, 1.0])
@@ -102,3 +114,75 @@ def test_keep_count():
     assert keep_count(3, 0.1, None) == 1
     assert keep_count(0, 0.5, None) == 0
     assert keep_count(10, None, 10) == 10
+
+
+def write_zero_heavy_scores(root, n=400, n_files=4, zero_share=0.7, n_errors=8, seed=3):
+    """A finished scores directory (no pool rows needed: write_rows=False) where `zero_share` of the
+    scored rows score exactly 0 and the rest have distinct positive scores; a few error rows."""
+    rng = np.random.default_rng(seed)
+    n_zero = int(round(zero_share * n))
+    values = np.concatenate([np.zeros(n_zero), rng.permutation(np.arange(1, n - n_zero + 1)) / 7.0])
+    values = values[rng.permutation(n)]  # zeros spread over every file
+    scores = StageDir(str(root / "scores"))
+    staging = scores.begin()
+    per = n // n_files
+    for f in range(n_files):
+        rel = f"p{f}.parquet"
+        sc = [float(v) for v in values[f * per:(f + 1) * per]] + [None] * (n_errors // n_files)
+        m = len(sc)
+        pq.write_table(pa.table({
+            S.ID: [f"{rel}:{i}" for i in range(m)],
+            S.SCORE: pa.array(sc, pa.float64()),
+            S.SRC_FILE: [rel] * m,
+            S.SRC_ROW: pa.array(range(m), pa.int64()),
+            S.ERROR: [None if v is not None else "bad" for v in sc],
+        }), f"{staging}/part-{f}.parquet", row_group_size=40)
+    scores.commit(staging, {"stage": "score", "rows": n + n_errors, "pool": {
+        "uri": str(root / "pool"), "files": [], "id_column": None, "text_columns": ["prompt", "response"]}})
+    return root / "scores", n_zero
+
+
+def test_cutoff_in_a_zero_block_is_a_seeded_draw(ray_local, tmp_path):
+    scores, n_zero = write_zero_heavy_scores(tmp_path)
+    n_scored, n_pos = 400, 400 - n_zero
+
+    def run(name, **kw):
+        out = tmp_path / name / "selection"
+        m = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(out), fraction=0.5,
+                                                     write_rows=False, **kw)))
+        return m, pd.read_parquet(out / "igds.parquet").sort_values(S.RANK)
+
+    m0, g0 = run("s0")
+    m0b, g0b = run("s0b", tie_seed=0)
+    m1, g1 = run("s1", tie_seed=1)
+    k = n_scored // 2
+    for m, g in ((m0, g0), (m1, g1)):
+        assert m["rows"] == len(g) == k and list(g[S.RANK]) == list(range(k))
+        assert (g[S.SCORE].iloc[:n_pos] > 0).all() and (g[S.SCORE].iloc[n_pos:] == 0).all()
+        assert m["zero_rows"] == n_zero == 280 and m["zero_share"] == 0.7
+        assert m["cutoff"]["score"] == 0.0 and m["cutoff"]["rank"] == k - 1
+        assert m["tie_block"] == {"rows": n_zero, "kept": k - n_pos}
+    kept0 = set(g0[S.ID].iloc[n_pos:])
+    assert kept0 == set(g0b[S.ID].iloc[n_pos:]) and list(g0[S.ID]) == list(g0b[S.ID])  # same seed, same rows
+    assert kept0 != set(g1[S.ID].iloc[n_pos:])  # another seed, another draw
+    zeros = pd.read_parquet(scores)
+    zeros = zeros[zeros[S.SCORE] == 0]
+    for seed, g in ((0, g0), (1, g1)):
+        by_hash = sorted(zeros[S.ID], key=lambda i: tie_hash(seed, i))[:k - n_pos]
+        assert list(g[S.ID].iloc[n_pos:]) == by_hash
+    # Neither the lowest ids nor the first rows of the first files.
+    assert kept0 != set(sorted(zeros[S.ID])[:k - n_pos])
+    assert kept0 != set(zeros.sort_values([S.SRC_FILE, S.SRC_ROW])[S.ID].iloc[:k - n_pos])
+    # Kept zeros come from every file, not from one end of the pool.
+    assert {i.split(":")[0] for i in kept0} == {f"p{f}.parquet" for f in range(4)}
+    # The report's table of selection facts, from the same manifest.
+    assert report.selection_facts(str(tmp_path / "s0"), ["igds", "missing"])[3:] == [
+        "| --- | --- | --- | --- | --- | --- |", f"| igds | {k} / {n_scored} | 70.0% | 0.0000 | {k - n_pos} / 280 | – |", ""]
+
+
+def test_cutoff_above_the_zeros_reports_its_own_tie_block(ray_local, tmp_path):
+    scores, n_zero = write_zero_heavy_scores(tmp_path, zero_share=0.3)
+    m = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(tmp_path / "o"), n=50, fraction=None,
+                                                 write_rows=False)))
+    assert m["zero_rows"] == 120 and m["zero_share"] == 0.3
+    assert m["cutoff"]["score"] > 0 and m["tie_block"] == {"rows": 1, "kept": 1}  # positive scores are distinct

@@ -10,6 +10,7 @@ protocol of `igds score` (one row per pool row: `id`, `score`, `n_tokens`, `trun
 | `ifd`    | `baselines.lm` (... both arms)   | `score_column="ifd", max_score=1.0`           |
 | `zip`    | `baselines.zip` (greedy, zlib)   | `score_column="score"` (first picks first)    |
 | `full`   | none: any baseline's scores      | `fraction=1.0` (e.g. on random's scores)      |
+| `oracle` | `baselines.oracle` (a label col) | `score_column="score"` (a ceiling: reads labels) |
 
 `full` needs no scorer: selecting `fraction=1.0` keeps every row that has a score, i.e. every usable
 row (rows with an `error`, such as a null or blank response, cannot be trained on by any arm). Use
@@ -39,7 +40,11 @@ ARMS: dict[str, Arm] = {
     "ifd": Arm("lm", IFD, max_score=1.0),
     "zip": Arm("zip"),
     "full": Arm(None, fraction=1.0),
+    "oracle": Arm("oracle"),  # reads the pool's label column: a ceiling, not a method (see baselines.oracle)
 }
+# Arms that read ground-truth labels of the pool, which no selection method may read: a ceiling, marked
+# so in every table.
+LABEL_ARMS = ("oracle",)
 
 
 def select_config(arm: str, scores: str, out: str, fraction: float = 0.5, **kw: Any) -> "SelectConfig":  # noqa: F821
@@ -54,4 +59,4 @@ def select_config(arm: str, scores: str, out: str, fraction: float = 0.5, **kw: 
                         score_column=a.score_column, max_score=a.max_score, **kw)
 
 
-__all__ = ["ARMS", "Arm", "select_config"]
+__all__ = ["ARMS", "Arm", "LABEL_ARMS", "select_config"]

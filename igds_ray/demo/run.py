@@ -21,10 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from igds_ray.pipeline import BASELINE_ARMS, IGDS_ARMS
+from igds_ray.pipeline import BASELINE_ARMS, IGDS_ARMS, LABEL_ARMS
 
 ALL_ARMS = (*IGDS_ARMS, *BASELINE_ARMS)
-QUICK_ARMS = ("igds", "full", "random")
+# The ablations of IGDS (k = 5, no causal filter, no recall) are opt-in (`--arms all`): they double the
+# fine-tuning time, and the default demo must stay within ~10 minutes on 2 cores.
+ABLATION_ARMS = ("igds_k5", "igds_no_causal", "igds_no_recall")
+DEFAULT_ARMS = tuple(a for a in ALL_ARMS if a not in ABLATION_ARMS)
+QUICK_ARMS = ("igds", "full", "random", "oracle")
 
 
 def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, arms: tuple[str, ...] | None = None,
@@ -39,11 +43,15 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
         sae=dict(path=str(world.sae_dir)),
         task=dict(name="math", source=str(world.task_file("math", "recall")), split=None,
                   dev_source=str(world.task_file("math", "dev")), dev_split=None),
+        # The pool's prompts are already written in their own tasks' templates (math rows in template 1,
+        # the one causal filtering and evaluation use), so none is rendered again: `auto` would wrap the
+        # raw-looking off-task prompts (chat, number prose) in the math template, and its tokens, which
+        # every math prompt shares, would then be read in every row.
         pool=dict(path=str(world.pool_dir), prompt_column="prompt", response_column="response", id_column="id",
-                  rows_per_read_task=max(100, spec.pool_rows // (2 * spec.pool_files))),
+                  rows_per_read_task=max(100, spec.pool_rows // (2 * spec.pool_files)), prompt_template="none"),
         run_dir=run_dir,
         fraction=0.5,
-        arms=list(arms or (QUICK_ARMS if quick else ALL_ARMS)),
+        arms=list(ALL_ARMS if arms == ("all",) else arms or (QUICK_ARMS if quick else DEFAULT_ARMS)),
         # Every prompt token (max over them), three templates per example. At the last prompt token
         # alone a sparse SAE (L0 ~8) has about one latent active on > 60% of prompts, and it marks
         # "an answer starts here" for every task alike (measured: see BENCHMARKS.md, demo).
@@ -51,16 +59,21 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
                     batch_size=256),
         causal=dict(factors=[0.0, 4.0] if quick else [0.0, 2.0, 4.0, 8.0], k=1, dev_limit=spec.n_dev, min_dev=50,
                     template=1, max_new_tokens=16, gen_batch_size=256, loglik=True, fallback="top_recall"),
-        # Max over the example's tokens, matching where recall looked for the features.
-        score=dict(pooling="max", max_tokens=128, batch_size=max(100, spec.pool_rows // 8), max_actors=1),
-        baselines=dict(lm=dict(max_tokens=128), zip=dict()),
+        # Max over every prompt token: exactly the positions recall read (positions=all). The earlier demo
+        # pooled over the response tokens, where recall never looked (issue 10, part 3).
+        score=dict(pooling="prompt_max", max_tokens=128, batch_size=max(100, spec.pool_rows // 8), max_actors=1),
+        # The oracle reads the world's `utility` label (2 useful, 1 neutral, 0 harmful): a ceiling, not a method.
+        baselines=dict(lm=dict(max_tokens=128), zip=dict(), oracle=dict(column="utility")),
         # Full fine-tuning: the model has 0.3M parameters, and LoRA (r 16, lr 3e-3, 4 epochs) moved the
         # math accuracy of no arm by more than 2 points in a measured run (BENCHMARKS.md, demo).
-        finetune=dict(method="full", lr=1e-3, epochs=2 if quick else 5, batch_size=32, max_tokens=128,
-                      warmup_ratio=0.05, schedule="linear", log_every=50),
+        # The same settings the world's P1/P2 check used (WorldSpec.ft_*).
+        finetune=dict(method="full", lr=spec.ft_lr, epochs=spec.ft_epochs, batch_size=spec.ft_batch,
+                      max_tokens=spec.ft_max_tokens, warmup_ratio=0.05, schedule="linear", log_every=50),
         evaluate=dict(source=str(world.task_file("math", "test")), split=None, limit=None, template=1,
                       max_new_tokens=16, batch_size=150),
-        report=dict(label_column="kind"),
+        # igds_response: the base model's own dev answers, read as the causal search generates them.
+        contrast=dict(dev_limit=spec.n_dev, template=1, max_new_tokens=16, gen_batch_size=256),
+        report=dict(label_column="kind", correct_column="correct"),
         no_recall_candidates=8,
         seed=seed,
     )
@@ -73,7 +86,8 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
 
 
 def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str | None = None,
-             arms: tuple[str, ...] | None = None, progress: bool = True, overrides: dict | None = None) -> dict:
+             arms: tuple[str, ...] | None = None, progress: bool = True, overrides: dict | None = None,
+             world_seed: int = 0) -> dict:
     """Build (or reuse) the world and run the pipeline `seeds` times; returns a summary dict."""
     from igds_ray.demo.world import WorldSpec, build_world
     from igds_ray.pipeline import run as run_pipeline
@@ -81,7 +95,7 @@ def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str |
 
     root = Path(run_dir).resolve()
     t0 = time.perf_counter()
-    spec = WorldSpec.quick() if quick else WorldSpec()
+    spec = WorldSpec.quick(world_seed) if quick else WorldSpec(seed=world_seed)
     wdir = Path(world_dir).resolve() if world_dir else root / "world"
     say = print if progress else (lambda *a, **k: None)
     say(f"[demo] world: {wdir} ({'quick' if quick else 'full'} spec {spec.key()})", flush=True)
@@ -90,6 +104,11 @@ def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str |
     say(f"[demo] world ready in {time.perf_counter() - t0:.0f}s: base model {st['params']:,} parameters, math dev "
         f"accuracy {st['base_dev_accuracy']:.1%}; SAE {spec.d_sae} latents at layer {spec.layer}, "
         f"variance explained {st['sae'].get('fve', float('nan')):.3f}", flush=True)
+    cal = st.get("calibration")
+    if cal and not (cal["p1"] and cal["p2"]):
+        say(f"[demo] WARNING: this world fails {'P1' if not cal['p1'] else ''}{' and ' if not (cal['p1'] or cal['p2']) else ''}"
+            f"{'P2' if not cal['p2'] else ''} on the dev set (full - base {cal['p1_full_minus_base']:+.3f}, oracle - "
+            f"full {cal['p2_oracle_minus_full']:+.3f}): it cannot test whether selection helps", flush=True)
     init_ray()
     runs = []
     for s in range(seeds):
@@ -104,7 +123,8 @@ def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str |
                      "features": metrics.get("features")})
         say(f"[demo] seed {s} done in {runs[-1]['wall_s']:.0f}s: "
             + ", ".join(f"{a} {m:.3f}" for a, m in runs[-1]["metrics"].items() if m is not None), flush=True)
-    summary = {"world": str(wdir), "world_stats": st, "runs": runs, "wall_s": round(time.perf_counter() - t0, 1)}
+    summary = {"world": str(wdir), "world_seed": world_seed, "world_stats": st, "runs": runs,
+               "wall_s": round(time.perf_counter() - t0, 1)}
     if seeds > 1:
         summary["table"] = seeds_table(runs)
         (root / "seeds.md").write_text(render_seeds(summary))
@@ -117,7 +137,7 @@ def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str |
 
 
 def seeds_table(runs: list[dict]) -> list[dict]:
-    """Per arm: mean, sample standard deviation, min, max of the test metric over seeds."""
+    """Per arm: mean, sample standard deviation, ±2 standard errors of the mean, min, max over seeds."""
     arms: dict[str, list[float]] = {}
     for r in runs:
         for arm, m in r["metrics"].items():
@@ -128,35 +148,59 @@ def seeds_table(runs: list[dict]) -> list[dict]:
     out = []
     for arm, vals in arms.items():
         mean = statistics.mean(vals)
-        out.append({"arm": arm, "n": len(vals), "mean": mean, "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append({"arm": arm, "n": len(vals), "mean": mean, "std": std, "se2": 2 * std / math.sqrt(len(vals)),
                     "min": min(vals), "max": max(vals), "d_base": mean - base, "d_full": mean - full,
-                    "values": vals})
+                    "values": vals, "reads_labels": arm in LABEL_ARMS})
     return sorted(out, key=lambda r: -r["mean"])
+
+
+def verdict(a: dict, b: dict) -> tuple[str, float, float]:
+    """('beats' | 'loses to' | 'ties with', mean difference, 2 x its standard error) of arm a against arm b.
+
+    Paired over seeds when both ran the same seeds (the seed fixes the data order and the random
+    draw for every arm alike), else Welch's unpaired standard error."""
+    diff = a["mean"] - b["mean"]
+    if len(a["values"]) == len(b["values"]) and len(a["values"]) > 1:
+        d = [x - y for x, y in zip(a["values"], b["values"])]
+        se = statistics.stdev(d) / math.sqrt(len(d))
+    elif a["n"] > 1 and b["n"] > 1:
+        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    else:
+        se = math.nan
+    if not se > 0:  # one seed, or identical differences: the sign alone
+        word = "beats" if diff > 0 else "loses to" if diff < 0 else "ties with"
+    else:
+        word = "beats" if diff > 2 * se else "loses to" if diff < -2 * se else "ties with"
+    return word, diff, 2 * se
 
 
 def render_seeds(summary: dict) -> str:
     rows = summary["table"]
     n = max(r["n"] for r in rows)
-    lines = [f"# Demo over {n} seeds (math test accuracy)", "",
-             "| arm | mean | std | min | max | Δ vs full | Δ vs base | per seed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ws = summary.get("world_stats", {})
+    cal = ws.get("calibration") or {}
+    lines = [f"# Demo over {n} seeds (math test accuracy; world seed {summary.get('world_seed', 0)})", ""]
+    if cal:
+        lines += [f"World check on the dev set (fixed before any IGDS result): base {cal['base']:.3f}, full "
+                  f"{cal['full']:.3f}, oracle {cal['oracle']:.3f}; P1 (full - base >= {cal['p1_min']:.2f}) "
+                  f"{'holds' if cal['p1'] else 'fails'}, P2 (oracle - full >= {cal['p2_min']:.2f}) "
+                  f"{'holds' if cal['p2'] else 'fails'}.", ""]
+    lines += ["| arm | mean | std | ±2 SE | min | max | Δ vs full | Δ vs base | per seed |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['arm']} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | {r['max']:.4f} | "
-                     f"{r['d_full']:+.4f} | {r['d_base']:+.4f} | {', '.join(f'{v:.3f}' for v in r['values'])} |")
+        name = f"{r['arm']} (ceiling: reads the pool's labels)" if r["reads_labels"] else r["arm"]
+        lines.append(f"| {name} | {r['mean']:.4f} | {r['std']:.4f} | {r['se2']:.4f} | {r['min']:.4f} | "
+                     f"{r['max']:.4f} | {r['d_full']:+.4f} | {r['d_base']:+.4f} | "
+                     f"{', '.join(f'{v:.3f}' for v in r['values'])} |")
     by = {r["arm"]: r for r in rows}
-    lines += ["", "## Verdict", ""]
-    if "igds" in by:
-        ig = by["igds"]
+    lines += ["", "## Verdict (paired over seeds; ±2 SE of the difference)", ""]
+    for arm in (a for a in ("igds", "igds_response") if a in by):
         for other in sorted(by):
-            if other == "igds":
+            if other == arm:
                 continue
-            o = by[other]
-            diff = ig["mean"] - o["mean"]
-            # Unpaired standard error of the difference of two means over seeds.
-            se = math.sqrt(ig["std"] ** 2 / ig["n"] + o["std"] ** 2 / o["n"]) if n > 1 else math.nan
-            verdict = ("beats" if diff > 2 * se else "loses to" if diff < -2 * se else "ties with") if se > 0 else (
-                "beats" if diff > 0 else "loses to" if diff < 0 else "ties with")
-            lines.append(f"- igds {verdict} {other}: {diff:+.4f} (±2 SE {2 * se:.4f})")
+            word, diff, se2 = verdict(by[arm], by[other])
+            lines.append(f"- {arm} {word} {other}: {diff:+.4f} (±2 SE {se2:.4f})")
     feats = [r.get("features") for r in summary["runs"]]
     lines += ["", f"IGDS features per seed: {feats}", ""]
     return "\n".join(lines)

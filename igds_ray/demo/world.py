@@ -88,6 +88,20 @@ class MathProblem:
         return f"{self.a} {self.op} {self.b} = {c}\n#### {c}"
 
 
+def slip_answer(p: MathProblem) -> int:
+    """The answer a weak solver writes: digits added without carrying, or the smaller digit taken from
+    the larger one without borrowing (43 - 19 -> 36), the classic systematic school-arithmetic bugs; a
+    problem that needs no carry or borrow gets a tens slip (true answer +- 10) instead."""
+    a, b, out, place = p.a, p.b, 0, 1
+    while a or b:
+        da, db = a % 10, b % 10
+        out += ((da + db) % 10 if p.op == "+" else abs(da - db)) * place
+        a, b, place = a // 10, b // 10, place * 10
+    if out == p.answer:
+        out = p.answer + 10 if p.answer < 10 or (p.a + p.b) % 2 else p.answer - 10
+    return out
+
+
 def math_problem(rng: random.Random) -> MathProblem:
     # Sums of up to 49 + 19 and differences from up to 68: hard enough that the tiny base model gets
     # a minority right after pretraining, so fine-tuning data has room to help (or hurt).
@@ -173,25 +187,57 @@ def _disjoint(draw: Callable[[], tuple[str, str]], sizes: tuple[int, ...], prefi
     return out[0], out[1], out[2], seen
 
 
-# Pool composition (fractions of the pool); the `kind` column holds these names.
+# Pool composition (fractions of the pool); the `kind` column holds these names. Fixed, with the
+# base model's pretraining mixture, by the world's P1/P2 calibration alone (BENCHMARKS.md).
 POOL_MIX: dict[str, float] = {
-    "math_correct": 0.30,
+    "math_correct": 0.37,
     "math_wrong": 0.15,
     "math_truncated": 0.05,
     "math_near_duplicate": 0.05,
     "math_like_lookup": 0.08,  # "How many X does N have?" where the number is read back, no arithmetic
     "math_other_format": 0.05,  # "What is 7 plus 5?" -> "12" (no worked answer, no ####)
-    "translation": 0.09,
-    "summarization": 0.09,
-    "number_prose": 0.07,
-    "chat": 0.07,
+    "translation": 0.07,
+    "summarization": 0.07,
+    "number_prose": 0.06,
+    "chat": 0.05,
 }
+# What a row is worth to a math fine-tune (the `utility` column; the oracle arm ranks by it):
+# 2 useful (a correct worked answer), 1 neutral (teaches no math, or repeats a correct row),
+# 0 harmful (a wrong or cut-off answer in the task's own format).
+USEFUL, NEUTRAL, HARMFUL = 2, 1, 0
+# Which defects a feature of the base model could plausibly see, and where (issue 10, P3):
+VISIBILITY: dict[str, str] = {
+    "math_wrong": "invisible: same prompt and form as a correct row; only the arithmetic differs "
+                  "(measured: no SAE latent separates them, BENCHMARKS.md)",
+    "math_truncated": "visible in the response (no '####' line), not in the prompt",
+    "math_near_duplicate": "invisible to a per-row score (a duplicate is only a duplicate of another row)",
+    "math_like_lookup": "look-alike, visible in the prompt in principle (no second quantity is added or taken)",
+    "math_other_format": "look-alike, visible in the prompt ('What is 7 plus 5?', not a word problem)",
+    "translation": "off-task, visible in the prompt", "summarization": "off-task, visible in the prompt",
+    "number_prose": "off-task, visible in the prompt", "chat": "off-task, visible in the prompt",
+}
+
+
+def utility(kind: str, correct: bool | None) -> int:
+    if kind == "math_correct":
+        return USEFUL
+    if kind in ("math_wrong", "math_truncated") or (kind == "math_near_duplicate" and correct is False):
+        return HARMFUL
+    return NEUTRAL
+
+
 ON_TASK_CLEAN = "math_correct"
 
 
 def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_prompt: Callable[[str], str],
-              summarization_prompt: Callable[[str], str], held_out: set[str]) -> list[dict]:
-    """`n` pool rows (prompt, response, kind) in a seeded shuffled order; no held-out source appears."""
+              summarization_prompt: Callable[[str], str], held_out: set[str],
+              wrong_answers: str = "slip") -> list[dict]:
+    """`n` pool rows (prompt, response, kind) in a seeded shuffled order; no held-out source appears.
+
+    `wrong_answers`: how the `math_wrong` rows are wrong: `slip` (a weak solver's systematic carry and
+    borrow bugs, `slip_answer`) or `offset` (the true answer off by 1-5 either way, mean-zero noise)."""
+    if wrong_answers not in ("slip", "offset"):
+        raise ValueError(f"wrong_answers must be slip or offset, got {wrong_answers!r}")
     rng = random.Random(seed * 1031 + 29)
     counts = {k: int(round(f * n)) for k, f in POOL_MIX.items()}
     counts["math_correct"] += n - sum(counts.values())
@@ -216,6 +262,8 @@ def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_
         p = fresh_math()
         delta = rng.randint(1, 5)
         wrong = p.answer - delta if rng.random() < 0.5 and p.answer - delta >= 0 else p.answer + delta
+        if wrong_answers == "slip":  # the draw above still runs, so both styles keep the same problems
+            wrong = slip_answer(p)
         math_rows.append((p, wrong))
         rows.append({"prompt": math_prompt(p.question), "response": p.worked(wrong), "kind": "math_wrong",
                      "correct": False})
@@ -252,17 +300,21 @@ def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_
     for i, r in enumerate(rows):
         r["id"] = f"pool-{i:06d}"
         r.setdefault("correct", None)
+        r["utility"] = utility(r["kind"], r["correct"])
     return rows
 
 
 def pretraining_documents(seed: int, math_prompt: Callable[[str], str], translation_prompt: Callable[[str], str],
                           summarization_prompt: Callable[[str], str], held_out: set[str],
-                          math_share: float = 0.3) -> Iterator[str]:
+                          math_share: float = 0.3, arith_share: float | None = None) -> Iterator[str]:
     """An endless seeded stream of documents for the base model: a general mixture in which worked
-    math is `math_share` of the documents (correct answers only), the rest translation, summaries,
-    arithmetic facts, number prose and chat. Held-out dev/test sources never appear."""
+    math is `math_share` of the documents (correct answers only), bare arithmetic facts
+    ("17 + 5 = 22") `arith_share` (default: an equal share of the rest), and the rest translation,
+    summaries, number prose and chat. Held-out dev/test sources never appear."""
     rng = random.Random(seed * 1049 + 31)
     other = (1.0 - math_share) / 5
+    arith = other if arith_share is None else arith_share
+    other = (1.0 - math_share - arith) / 4
     while True:
         r = rng.random()
         if r < math_share:
@@ -270,18 +322,18 @@ def pretraining_documents(seed: int, math_prompt: Callable[[str], str], translat
             if p.question in held_out:
                 continue
             yield math_prompt(p.question) + p.worked()
-        elif r < math_share + other:
+        elif r < math_share + arith:
             p = math_problem(rng)
             yield f"{p.a} {p.op} {p.b} = {p.answer}"
-        elif r < math_share + 2 * other:
+        elif r < math_share + arith + other:
             en, fr = translation_pair(rng)
             if en not in held_out:
                 yield translation_prompt(en) + fr
-        elif r < math_share + 3 * other:
+        elif r < math_share + arith + 2 * other:
             art, lead = summary_item(rng)
             if art not in held_out:
                 yield summarization_prompt(art) + lead
-        elif r < math_share + 4 * other:
+        elif r < math_share + arith + 3 * other:
             yield number_prose(rng)
         else:
             a = rng.choice(ANIMALS)
@@ -314,13 +366,29 @@ class WorldSpec:
     pretrain_batch: int = 48
     pretrain_seq_len: int = 64
     pretrain_lr: float = 3e-3
-    math_share: float = 0.5
+    # The base model learns arithmetic facts and barely the task's worked format, so fine-tuning has
+    # something to teach (P1), and the pool's wrong answers are systematic enough to hurt (P2). These
+    # four values (math_share, arith_share, wrong_answers, ft_epochs) were fixed by the P1/P2 check on
+    # the dev set alone (BENCHMARKS.md, "World calibration"), before any IGDS arm ran in this world.
+    math_share: float = 0.03
+    arith_share: float | None = 0.3  # bare "a + b = c" documents; None: an equal share of the non-math rest
+    wrong_answers: str = "slip"  # how math_wrong rows are wrong: slip (systematic carry/borrow bugs) or offset
     layer: int = 2
     d_sae: int = 512
     sae_architecture: str = "batchtopk"  # sae-lens saves it as JumpReLU: sliceable by the k-feature encoder
     sae_k: int = 8
     sae_tokens: int = 500_000
     sae_lr: float = 1e-3
+    # Fine-tuning, shared by the world's P1/P2 check and the demo pipeline's arms.
+    ft_epochs: int = 10
+    ft_lr: float = 1e-3
+    ft_batch: int = 32
+    ft_max_tokens: int = 128
+    calibrate: bool = True  # measure P1/P2 on the dev set at build time (two in-process fine-tunes)
+    # torch threads for the whole build: a fixed count, so reductions do not vary with the machine's cores
+    # (one thread also leaves the other core of a 2-core machine to Ray). Same machine: bit-identical
+    # rebuilds (measured); across CPU models kernels may still differ, so results stand as spreads over seeds.
+    threads: int = 1
 
     @classmethod
     def quick(cls, seed: int = 0) -> "WorldSpec":
@@ -415,6 +483,8 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
         raise FileExistsError(f"{root} exists, is not empty and is not a demo world: choose another --run-dir")
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
     try:
         t0 = time.perf_counter()
         stats: dict[str, Any] = {}
@@ -428,16 +498,16 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
             (tmp / "tasks" / task).mkdir(parents=True)
             for split, rows in zip(("recall", "dev", "test"), sets):
                 pd.DataFrame(rows).to_parquet(tmp / "tasks" / task / f"{split}.parquet", index=False)
-        rows = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held)
+        rows = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held, spec.wrong_answers)
         from igds_ray.demo.tiny import write_pool
 
         write_pool(tmp / "pool", [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "kind": r["kind"],
-                                   "correct": r["correct"]} for r in rows], n_files=spec.pool_files)
+                                   "correct": r["correct"], "utility": r["utility"]} for r in rows],
+                   n_files=spec.pool_files)
         stats["pool_kinds"] = pd.Series([r["kind"] for r in rows]).value_counts().to_dict()
 
         torch.manual_seed(spec.seed)
-        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-        docs = pretraining_documents(spec.seed, mp, tp, sp, held, spec.math_share)
+        docs = pretraining_documents(spec.seed, mp, tp, sp, held, spec.math_share, spec.arith_share)
         tok = build_tokenizer(list(itertools.islice(docs, 3000)), vocab_size=spec.vocab_size)
         heads = spec.num_heads
         model = build_llama(len(tok), hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=heads,
@@ -453,11 +523,22 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
             print(f"[world] base model: {stats['params']:,} parameters, dev accuracy {stats['base_dev_accuracy']:.1%}",
                   flush=True)
         sae_texts = list(itertools.islice(
-            pretraining_documents(spec.seed + 7, mp, tp, sp, held, spec.math_share), spec.sae_tokens // 20))
+            pretraining_documents(spec.seed + 7, mp, tp, sp, held, spec.math_share, spec.arith_share),
+            spec.sae_tokens // 20))
         stats["sae"] = sae_stats = train_sae(model_dir, sae_texts, spec.layer, tmp / "sae", d_sae=spec.d_sae,
                                  architecture=spec.sae_architecture, k=spec.sae_k,
                                  training_tokens=spec.sae_tokens, lr=spec.sae_lr, seed=spec.seed, progress=progress)
         sae_stats.pop("out_dir", None)  # the temporary build path; the SAE ends up in <root>/sae
+        if spec.calibrate:
+            from igds_ray.demo.calibrate import measure
+
+            stats["calibration"] = measure(model_dir, rows, m_dev, stats["base_dev_accuracy"], spec.ft_epochs,
+                                           spec.ft_lr, spec.ft_batch, spec.ft_max_tokens, spec.seed, progress)
+            c = stats["calibration"]
+            if progress:
+                print(f"[world] P1 (full - base >= {c['p1_min']:.0%} on dev): {c['p1_full_minus_base']:+.1%} "
+                      f"{'holds' if c['p1'] else 'FAILS'}; P2 (oracle - full >= {c['p2_min']:.0%}): "
+                      f"{c['p2_oracle_minus_full']:+.1%} {'holds' if c['p2'] else 'FAILS'}", flush=True)
         stats["build_s"] = round(time.perf_counter() - t0, 1)
         (tmp / WORLD_JSON).write_text(json.dumps({"key": spec.key(), "spec": asdict(spec), "stats": stats},
                                                  indent=2, default=str))
@@ -468,6 +549,8 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads_before)
     return _world(root, spec, stats)
 
 

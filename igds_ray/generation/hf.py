@@ -1,16 +1,20 @@
 """Hugging Face generation backend: batched `generate` with left padding, greedy by default, and the
-SAE-feature intervention as a forward hook on decoder block L (every position, prefill and decode)."""
+SAE-feature intervention (scale or clamp) as a forward hook on decoder block L (every position,
+prefill and decode; `loglik` too). Also each latent's activation quantile, to put clamp values on
+the latent's own scale."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from igds_ray.config import ModelConfig, SAEConfig
-from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, check_intervention, cut_at_stop
+from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, check_features, check_intervention, cut_at_stop
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_model, load_sae, load_tokenizer, resolve_device
+from igds_ray.models.runner import FeatureEncoder, LayerRunner
 
 
 class HFBackend(GenerationBackend):
@@ -48,14 +52,15 @@ class HFBackend(GenerationBackend):
             yield
             return
         steer = self.steer(intervention)
-        factor = float(intervention.factor)
+        # Built once here: the hook itself then runs on device tensors only (no copy, no sync).
+        mult, offset = steer.coefficient_tensors(intervention)
         before = self.hook_calls
 
         def hook(_mod: torch.nn.Module, _inp: Any, out: Any) -> Any:
             self.hook_calls += 1
             if isinstance(out, (tuple, list)):
-                return (steer.apply(out[0], factor), *out[1:])
-            return steer.apply(out, factor)
+                return (steer.apply_affine(out[0], mult, offset), *out[1:])
+            return steer.apply_affine(out, mult, offset)
 
         handle = decoder_layers(self.model)[intervention.layer].register_forward_hook(hook)
         try:
@@ -129,6 +134,48 @@ class HFBackend(GenerationBackend):
                     tgt = torch.tensor(r, device=logp.device)
                     res[idx[j]] = float(logp[j, pos, tgt].mean())
         return res
+
+    @torch.inference_mode()
+    def activation_quantile(
+        self, prompts: Sequence[str], layer: int, features: Sequence[int], q: float = 0.99
+    ) -> list[float]:
+        """Each latent's q-quantile activation (linear interpolation, numpy's default) over the prompts'
+        token positions where it is active (> 0), special and padding tokens excluded; 0.0 for a latent
+        never active. One forward pass per batch, stopped after block `layer`."""
+        if not 0.0 <= float(q) <= 1.0:
+            raise ValueError(f"activation_quantile q must be in [0, 1], got {q!r}")
+        if not prompts:
+            raise ValueError("activation_quantile needs at least one prompt")
+        feats = [int(f) for f in features]
+        if not feats:
+            raise ValueError("activation_quantile needs at least one feature")
+        check_features(self.sae, self.sae_layer, layer, feats, what="activation_quantile")
+        runner = LayerRunner(self.model, layer, prune=False)
+        encoder = FeatureEncoder(self.sae, feats)
+        special = torch.tensor(sorted(set(self.tok.all_special_ids)), dtype=torch.long)
+        ids_list = self.tok(list(prompts))["input_ids"]  # with BOS etc., as generate sees them
+        order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
+        kept: list[torch.Tensor] = []  # [n_tokens, k] per batch, left on the device until the end
+        for s in range(0, len(order), self.batch_size):
+            seqs = [ids_list[i] for i in order[s : s + self.batch_size]]
+            # Right padding: real tokens keep positions 0..n-1 in a plain forward (left padding would
+            # shift them, and a plain forward does not derive positions from the mask as generate does).
+            T = max(1, max(len(x) for x in seqs))
+            ids = torch.full((len(seqs), T), self.tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), T), dtype=torch.long)
+            for j, x in enumerate(seqs):
+                ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
+                mask[j, : len(x)] = 1
+            use = (mask.bool() & ~torch.isin(ids, special)).to(self.device)
+            hidden = runner(ids.to(self.device), mask.to(self.device))
+            kept.append(encoder(hidden[use]).float())
+        acts = torch.cat(kept).cpu().double().numpy()
+        out = []
+        for j in range(len(feats)):
+            col = acts[:, j]
+            col = col[col > 0]
+            out.append(float(np.quantile(col, float(q))) if col.size else 0.0)
+        return out
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

@@ -2,30 +2,19 @@
 
 How the intervention gets into vLLM (checked on vLLM 0.32, CPU build; see tests/test_vllm_backend.py):
 
-* Hooks added after the engine is built (`LLM.apply_model` + `register_forward_hook`) only run with
-  `enforce_eager=True`: vLLM compiles the model (torch.compile, CUDA graphs) while the engine is
-  built, and the compiled graph never calls Python hooks. So the decoder layer L is changed *while
-  the model loads*, before the first forward traces it: the model loader is wrapped for the duration
-  of `LLM(...)`, and the loaded model's layer-L module gets a subclass of its own class whose
-  forward adds the steering update. Only that one module changes; other layers and other engines
-  in the process are untouched.
-* vLLM decoder layers return `(hidden, residual)`; the residual stream (HF's block output) is their
-  sum. The patched forward returns `(stream + delta, zeros)`, which the next layer's fused
-  add-RMSNorm (or the final norm) turns back into `stream + delta` in the same float order as the
-  HF backend's hook (`h + delta`).
-* vLLM's compiled graphs run without dynamo guards, so anything Python-level read in forward is
-  frozen at trace time. All intervention state is therefore in buffers of the patched module, updated
-  in place between `generate` calls: the SAE's encoder/decoder sliced to at most `max_features`
-  features (zero-padded), and a per-slot scale `factor - 1` (zero = no intervention). A call counter
-  buffer is incremented inside forward, so it counts under compilation and graph replay too; an
-  intervened `generate` whose counter did not advance raises.
+* The intervention is compiled into decoder layer L while the model loads (a subclass of that one
+  module's class whose forward adds the update, with all its state in buffers updated in place);
+  see igds_ray/generation/vllm_steering.py for why and how, and for both modes' coefficients.
 * State changes must reach the module in this process: the engine runs in-process
   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker), which rules out tensor/pipeline parallelism.
 * Caches: the prefix cache would hand an intervened request the KV blocks of an unintervened one
   (or of another intervention) for a shared prompt prefix. Every intervened request carries a
-  `cache_salt` naming its intervention, so blocks are shared only between requests with the same
-  intervention. vLLM's on-disk compile cache could load a graph traced without the patch, so it is
-  disabled (`VLLM_DISABLE_COMPILE_CACHE=1`) whenever an SAE is given.
+  `cache_salt` naming its intervention (layer, features, mode, factor, value:
+  `Intervention.cache_key`), so blocks are shared only between requests with the same intervention.
+  vLLM's on-disk compile cache could load a graph traced without the patch, so it is disabled
+  (`VLLM_DISABLE_COMPILE_CACHE=1`) whenever an SAE is given.
+* Activation quantiles (`activation_quantile`, for clamp values) are not computed here: the HF
+  backend computes them with one truncated forward, without a generation engine.
 
 Fine-tuned arms (`ModelConfig.adapter`, a PEFT LoRA directory): the HF backend merges the adapter
 into the weights; vLLM serves it unmerged as a LoRA adapter instead (`enable_lora`, `max_lora_rank`
@@ -46,7 +35,7 @@ import logging
 import os
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -54,106 +43,12 @@ from torch import nn
 from igds_ray.config import ModelConfig, SAEConfig
 from igds_ray.errors import ConfigError
 from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, check_intervention, cut_at_stop
+from igds_ray.generation.vllm_steering import BUFFER_PREFIX, install_steering, patch_model_loading, steer_delta
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_sae, load_tokenizer, resolve_dtype
 
+__all__ = ["VLLMBackend", "adapter_max_rank", "adapter_modules", "install_steering", "steer_delta", "vllm_lora_rank"]
+
 log = logging.getLogger(__name__)
-
-_PREFIX = "_igds_"
-
-
-def steer_delta(
-    h: torch.Tensor,
-    W_enc: torch.Tensor,  # [d_in, K]
-    b_enc: torch.Tensor,  # [K]
-    threshold: torch.Tensor | None,  # [K] (JumpReLU) or None
-    W_dec: torch.Tensor,  # [K, d_in]
-    b_dec: torch.Tensor,  # [d_in]
-    apply_b_dec_to_input: bool,
-    scale: torch.Tensor,  # [K]: factor - 1 per slot, 0 for unused slots
-) -> torch.Tensor:
-    """`FeatureSteer.apply(h, factor) - h` with a per-slot scale, written with plain tensors so that
-    torch.compile traces it (no dataclass access, no data-dependent Python branches)."""
-    x = h.to(W_enc.dtype)
-    if apply_b_dec_to_input:
-        x = x - b_dec
-    pre = x @ W_enc + b_enc
-    a = torch.relu(pre)
-    if threshold is not None:
-        a = a * (pre > threshold).to(a.dtype)
-    return (a * scale) @ W_dec
-
-
-def _steered_forward(base_forward: Any, self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    out = base_forward(self, *args, **kwargs)
-    self._igds_calls.add_(1)
-    thr = self._igds_threshold if self._igds_jumprelu else None
-    if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
-        hidden, residual = out
-        stream = residual + hidden
-        delta = steer_delta(stream, self._igds_W_enc, self._igds_b_enc, thr, self._igds_W_dec, self._igds_b_dec,
-                            self._igds_apply_b_dec, self._igds_scale)
-        return stream + delta.to(stream.dtype), torch.zeros_like(residual)
-    # Layers that return the stream itself (no separate residual).
-    stream = out[0] if isinstance(out, tuple) else out
-    delta = steer_delta(stream, self._igds_W_enc, self._igds_b_enc, thr, self._igds_W_dec, self._igds_b_dec,
-                        self._igds_apply_b_dec, self._igds_scale)
-    stream = stream + delta.to(stream.dtype)
-    return (stream, *out[1:]) if isinstance(out, tuple) else stream
-
-
-def install_steering(layer: nn.Module, d_in: int, max_features: int, jumprelu: bool, apply_b_dec: bool,
-                     dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Give this one module a steerable forward (a subclass of its class) and the state buffers."""
-    device = next(layer.parameters()).device
-    cls = type(layer)
-    base_forward = cls.forward
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _steered_forward(base_forward, self, *args, **kwargs)
-
-    layer.__class__ = type(f"IgdsSteered{cls.__name__}", (cls,), {"forward": forward})
-    z = dict(device=device, dtype=dtype)
-    layer.register_buffer(_PREFIX + "W_enc", torch.zeros(d_in, max_features, **z), persistent=False)
-    layer.register_buffer(_PREFIX + "b_enc", torch.zeros(max_features, **z), persistent=False)
-    layer.register_buffer(_PREFIX + "threshold", torch.zeros(max_features, **z), persistent=False)
-    layer.register_buffer(_PREFIX + "W_dec", torch.zeros(max_features, d_in, **z), persistent=False)
-    layer.register_buffer(_PREFIX + "b_dec", torch.zeros(d_in, **z), persistent=False)
-    layer.register_buffer(_PREFIX + "scale", torch.zeros(max_features, **z), persistent=False)
-    layer.register_buffer(_PREFIX + "calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-    # Static for the engine's life (read at trace time): the SAE's architecture, not the intervention.
-    layer._igds_jumprelu = jumprelu
-    layer._igds_apply_b_dec = apply_b_dec
-    return layer
-
-
-@contextlib.contextmanager
-def _patch_model_loading(on_loaded: Any) -> Iterator[None]:
-    """Call `on_loaded(model)` on every model a vLLM loader returns in this process, while inside."""
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-
-    classes, todo = [], [BaseModelLoader]
-    while todo:
-        c = todo.pop()
-        todo.extend(c.__subclasses__())
-        if "load_model" in c.__dict__:
-            classes.append(c)
-    originals = {c: c.__dict__["load_model"] for c in classes}
-
-    def wrap(orig: Any) -> Any:
-        def load_model(self: Any, *args: Any, **kwargs: Any) -> nn.Module:
-            model = orig(self, *args, **kwargs)
-            on_loaded(model)
-            return model
-
-        return load_model
-
-    for c, f in originals.items():
-        setattr(c, "load_model", wrap(f))
-    try:
-        yield
-    finally:
-        for c, f in originals.items():
-            setattr(c, "load_model", f)
 
 
 def _set_vllm_env(**values: str) -> None:
@@ -296,7 +191,7 @@ class VLLMBackend(GenerationBackend):
             self.sae_layer = layer_from_hook_name(self.sae.cfg.metadata.hook_name)
             # Refuse SAEs that cannot be steered (TopK, run-time normalization) before building anything.
             FeatureSteer.from_sae(self.sae, self.sae_layer, (0,), torch.device("cpu"), torch.float32)
-            patch = _patch_model_loading(self._on_model_loaded)
+            patch = patch_model_loading(self._on_model_loaded)
         with patch:
             self.llm = LLM(
                 model=model.name_or_path,
@@ -386,22 +281,26 @@ class VLLMBackend(GenerationBackend):
         layer = self._layer
         if layer is None:
             return
+        # Zero coefficients first: from here on the layer adds nothing, whatever the other buffers hold.
         layer._igds_scale.zero_()
+        layer._igds_offset.zero_()
         if intervention is None:
             return
         steer = FeatureSteer.from_sae(self.sae, intervention.layer, intervention.features,
                                       layer._igds_W_enc.device, layer._igds_W_enc.dtype)
         k = len(intervention.features)
-        for name in ("W_enc", "b_enc", "threshold", "W_dec", "scale"):
-            getattr(layer, _PREFIX + name).zero_()
+        for name in ("W_enc", "b_enc", "threshold", "W_dec"):
+            getattr(layer, BUFFER_PREFIX + name).zero_()
         layer._igds_W_enc[:, :k].copy_(steer.W_enc)
         layer._igds_b_enc[:k].copy_(steer.b_enc)
         if steer.threshold is not None:
             layer._igds_threshold[:k].copy_(steer.threshold)
         layer._igds_W_dec[:k].copy_(steer.W_dec)
         layer._igds_b_dec.copy_(steer.b_dec)
-        # factor - 1 in Python (double), then rounded once: the HF hook multiplies by the same float.
-        layer._igds_scale[:k].fill_(float(intervention.factor) - 1.0)
+        # The coefficients in Python (double), then rounded once: the HF hook uses the same floats.
+        mult, offset = intervention.coefficients()
+        layer._igds_scale[:k].fill_(mult)
+        layer._igds_offset[:k].fill_(offset)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -428,10 +327,7 @@ class VLLMBackend(GenerationBackend):
 
         if intervention is not None:
             self._check(intervention)
-        salt = None
-        if intervention is not None:
-            feats = ",".join(map(str, intervention.features))
-            salt = f"igds:L{intervention.layer}:f{feats}:v{float(intervention.factor)!r}"
+        salt = intervention.cache_key() if intervention is not None else None
         reqs = []
         for x in ids:
             p = TokensPrompt(prompt_token_ids=list(x))

@@ -1,20 +1,24 @@
-"""Causal (interventional) filtering on Ray Tune.
+"""Causal (interventional) filtering on Ray Tune, with paired statistics.
 
-The base model's task metric on a dev set is measured once; then one Tune trial per
-(candidate latent x factor) generates on the same dev set with the latent multiplied by the factor
-at the SAE's layer (every position, prefill and decode) and reports the metric and
-delta = metric(intervened) - metric(base). Models are loaded once, in long-lived generation actors
-(`gen_actors`, each with its resources); trials are thin clients of those actors, so a trial costs
-one generation pass, not a model load. Latents with delta > 0 are ranked by their best delta and
-the top k kept.
+The dev examples are split (seeded) into a search part and a held-out confirm part
+(`causal.confirm_fraction`). One Tune trial per (candidate latent x factor) generates on the search
+part under the intervention at the SAE's layer (every position, prefill and decode): `scale` multiplies
+the latent by the factor (the paper's amplification, 0 ablates); `clamp` sets it to factor x the
+latent's p99 activation on the dev prompts. Each trial reports per-example scores and per-example
+teacher-forced log-likelihoods of the references, so the driver pairs them with the base run on the
+same examples (`causal_stats`): a mean delta with a bootstrap CI, a one-sided p-value (exact McNemar
+for 0/1 scores, sign-flip otherwise) and Holm's correction across all trials. The top
+`confirm_top` latents that pass are re-run with their best factor on the confirm part; a latent is
+kept when that recheck passes Holm over the rechecked ones and the generation metric does not drop.
 
-Each trial also measures the teacher-forced mean log-likelihood of the dev references under the
-same intervention (one forward pass, no decoding): a cheap causal signal whose rank agreement with
-the generation metric is reported, so large candidate sets can be pre-screened.
+The base is run on every generation actor, twice (the noise floor): if the runs disagree, trials are
+compared with the per-example worst case and a warning says so. Models are loaded once, in long-lived
+generation actors (`gen_actors`); trials are thin clients of those actors.
 
-Outputs: `<run>/features/causal.parquet` (every trial), `<run>/features/features.json`
-(chosen ids like `l14_p11575` with their delta, factor and recall stats). An interrupted search
-is resumed with `Tuner.restore` from `<run>/features/tune/`: finished trials are not rerun.
+Outputs: `<run>/features/causal.parquet` (every trial with its figures), `causal_examples.parquet`
+(the per-example arrays), `features.json` (chosen ids like `l14_p11575` with their figures, how they
+were selected, the noise floor). An interrupted search resumes with `Tuner.restore` from
+`<run>/features/tune/`: finished trials are not rerun.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import math
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,37 +35,25 @@ import pyarrow as pa
 from igds_ray.config import IdentifyConfig, to_dict
 from igds_ray.errors import IGDSError
 from igds_ray.schema import FeatureId
+from igds_ray.stages import causal_stats as st
+from igds_ray.stages.causal_stats import choose, spearman
+
+__all__ = ["GenerationWorker", "NoHelpfulFeature", "choose", "run", "spearman"]
 
 log = logging.getLogger(__name__)
+P99 = 0.99
 
 
 class NoHelpfulFeature(IGDSError, RuntimeError):
-    """No candidate latent improved the dev metric and no fallback was configured."""
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation with average ranks for ties (NaN if either side is constant)."""
-
-    def ranks(v: np.ndarray) -> np.ndarray:
-        order = np.argsort(v, kind="mergesort")
-        r = np.empty(len(v), dtype=np.float64)
-        r[order] = np.arange(len(v), dtype=np.float64)
-        for val in np.unique(v):  # average ranks of ties
-            m = v == val
-            r[m] = r[m].mean()
-        return r
-
-    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-        return float("nan")
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+    """No candidate latent passed the causal test and no fallback was configured."""
 
 
 class GenerationWorker:
-    """A long-lived generation actor: one model (+ SAE) copy, the dev set, the task metric."""
+    """A long-lived generation actor: one model (+ SAE) copy, the dev set split in parts, the task metric."""
 
-    def __init__(self, backend: str, model: dict, sae: dict, task: Any, examples: list[dict], template: int,
-                 sampling: dict, layer: int, batch_size: int, loglik: bool) -> None:
+    def __init__(self, backend: str, model: dict, sae: dict, task: Any, examples: list[dict],
+                 parts: dict[str, list[int]], template: int, sampling: dict, layer: int, batch_size: int,
+                 loglik: bool, mode: str = "scale", features: tuple[int, ...] = ()) -> None:
         from igds_ray.config import ModelConfig, SAEConfig, from_dict
         from igds_ray.generation import SamplingConfig, make_backend
         from igds_ray.tasks import TaskExample
@@ -71,46 +63,62 @@ class GenerationWorker:
         self.backend = make_backend(backend, from_dict(ModelConfig, model), from_dict(SAEConfig, sae), **kwargs)
         self.load_s = time.time() - t0
         self.task = task
-        self.examples = [TaskExample.from_dict(e) for e in examples]
-        self.prompts = [task.build_prompt(e, template) for e in self.examples]
-        self.references = [task.reference_answer(e) for e in self.examples]
+        exs = [TaskExample.from_dict(e) for e in examples]
+        self.parts = {name: [exs[i] for i in idx] for name, idx in parts.items()}
+        self.prompts = {name: [task.build_prompt(e, template) for e in ex] for name, ex in self.parts.items()}
+        self.references = {name: [task.reference_answer(e) for e in ex] for name, ex in self.parts.items()}
         self.sampling = SamplingConfig(**sampling)
         self.layer = layer
         self.loglik = loglik
-        self.calls = 0
+        self.mode = mode
+        self.calls = {"base": 0, "trial": 0, "confirm": 0}
+        self.p99: dict[int, float] = {}
+        if mode == "clamp" and features:
+            # Search prompts only, so the confirm part stays untouched by anything the search uses.
+            qs = self.backend.activation_quantile(self.prompts["search"], layer, list(features), P99)
+            self.p99 = {int(f): float(q) for f, q in zip(features, qs)}
 
     def info(self) -> dict:
-        return {"load_s": self.load_s, "calls": self.calls}
+        return {"load_s": self.load_s, "calls": dict(self.calls)}
 
-    def evaluate(self, feature: int | None, factor: float | None) -> dict:
+    def act_p99(self) -> dict[int, float]:
+        return dict(self.p99)
+
+    def intervention(self, feature: int, factor: float) -> tuple[Any, float | None]:
         from igds_ray.generation import Intervention
 
-        self.calls += 1
-        iv = None if feature is None else Intervention(self.layer, (int(feature),), float(factor))
+        if self.mode == "clamp":
+            value = float(factor) * self.p99[int(feature)]
+            return Intervention(self.layer, (int(feature),), float(factor), mode="clamp", value=value), value
+        return Intervention(self.layer, (int(feature),), float(factor)), None
+
+    def evaluate(self, feature: int | None, factor: float | None, part: str = "search") -> dict:
+        self.calls["base" if feature is None else ("trial" if part == "search" else "confirm")] += 1
+        iv, value = (None, None) if feature is None else self.intervention(feature, factor)
+        examples, prompts = self.parts[part], self.prompts[part]
         t0 = time.time()
-        preds = self.backend.generate(self.prompts, self.sampling, iv)
+        preds = self.backend.generate(prompts, self.sampling, iv)
         gen_s = time.time() - t0
-        m = self.task.corpus_metric(preds, self.examples)
+        m = self.task.corpus_metric(preds, examples)
+        scores = [float(self.task.score(p, e)) for p, e in zip(preds, examples)]
         out = {"metric": float(m["metric"]), "n": len(preds), "n_unparseable": int(m.get("n_unparseable", 0)),
-               "gen_s": gen_s, "loglik": float("nan"), "loglik_s": float("nan")}
+               "gen_s": gen_s, "loglik": float("nan"), "loglik_s": float("nan"), "scores": scores,
+               "logliks": [float("nan")] * len(preds), "clamp_value": value}
         if self.loglik:
             t1 = time.time()
-            ll = self.backend.loglik(self.prompts, self.references, iv)
-            out["loglik"] = float(np.nanmean(ll))
-            out["loglik_s"] = time.time() - t1
+            ll = [float(x) for x in self.backend.loglik(prompts, self.references[part], iv)]
+            out.update(logliks=ll, loglik=float(np.nanmean(ll)) if not np.isnan(ll).all() else float("nan"),
+                       loglik_s=time.time() - t1)
         return out
 
 
-def _trial(config: dict, actor_names: list[str], base: dict) -> None:
+def _trial(config: dict, actor_names: list[str]) -> None:
     import ray
     from ray import tune
 
     c = config["candidate"]
     actor = ray.get_actor(actor_names[c["slot"] % len(actor_names)])
-    r = ray.get(actor.evaluate.remote(c["index"], c["factor"]))
-    r["delta"] = r["metric"] - base["metric"]
-    r["loglik_delta"] = r["loglik"] - base["loglik"]
-    tune.report(r)
+    tune.report(ray.get(actor.evaluate.remote(c["index"], c["factor"], "search")))
 
 
 def _feature_agreement(trials: list[dict]) -> dict[str, Any]:
@@ -140,19 +148,85 @@ def _root_error(err: BaseException | None) -> str:
     return f"{type(err).__name__}: {err}"[-2000:] if err is not None else "unknown error (no metrics reported)"
 
 
-def choose(trials: list[dict], k: int) -> list[dict]:
-    """Latents whose best delta > 0, ranked by best delta (then loglik gain, then recall rank); top k."""
-    best: dict[int, dict] = {}
+def _base_runs(actors: list[Any], parts: list[str]) -> tuple[dict[str, dict], dict[str, Any], list[dict]]:
+    """The base on every actor, twice, per part: the base trials are compared with and the noise floor."""
+    import ray
+
+    jobs = [(a, r, p) for a in range(len(actors)) for r in range(2) for p in parts]
+    runs = ray.get([actors[a].evaluate.remote(None, None, p) for a, r, p in jobs])
+    bases, floor = {}, {"runs": []}
+    for p in parts:
+        mine = [run for (a, r, q), run in zip(jobs, runs) if q == p]
+        bases[p], floor[p] = st.noise_floor(mine)
+    floor["runs"] = [{"actor": a, "repeat": r, "part": p, "metric": run["metric"], "loglik": run["loglik"],
+                      "n": run["n"]} for (a, r, p), run in zip(jobs, runs)]
+    bad = [p for p in parts if floor[p]["base_is_worst_case"]]
+    floor["base_used"] = "per-example worst case (max) over the base runs: they disagree" if bad else "the base runs agree"
+    if bad:
+        log.warning("base runs disagree on the %s part(s) (max metric difference %s, examples disagreeing %s): every "
+                    "trial is compared with the per-example worst case", ", ".join(bad),
+                    [floor[p]["metric_max_abs_diff"] for p in bad], [floor[p]["examples_disagreeing"] for p in bad])
+    examples = [{"kind": "base", "feature": None, "factor": None, "part": p, "actor": a, "repeat": r,
+                 "scores": run["scores"], "logliks": run["logliks"]} for (a, r, p), run in zip(jobs, runs)]
+    return bases, floor, examples
+
+
+def _collect(grid: Any, by_index: dict[int, dict], layer: int, p99: dict[int, float]) -> list[dict]:
+    nan = float("nan")
+    trials = []
+    for res in grid:
+        cand = res.config["candidate"]
+        r = by_index[cand["index"]]
+        m = res.metrics or {}
+        ok = res.error is None and "metric" in m and "scores" in m
+        trials.append({
+            "feature": str(FeatureId(layer, cand["index"])), "index": cand["index"], "factor": cand["factor"],
+            "status": "ok" if ok else "error", "error": None if ok else _root_error(res.error),
+            "metric": m.get("metric", nan) if ok else nan, "loglik": m.get("loglik", nan) if ok else nan,
+            "n_unparseable": m.get("n_unparseable", -1) if ok else -1,
+            "gen_s": m.get("gen_s", nan) if ok else nan, "loglik_s": m.get("loglik_s", nan) if ok else nan,
+            "clamp_value": m.get("clamp_value") if ok else None, "act_p99": p99.get(cand["index"]),
+            "recall_rank": cand["recall_rank"], "frequency": r["frequency"], "mean_act": r["mean_act"],
+            "scores": list(m["scores"]) if ok else None, "logliks": list(m["logliks"]) if ok else None,
+        })
+    trials.sort(key=lambda t: (t["recall_rank"], t["factor"]))
+    return trials
+
+
+CONFIRM_COLUMNS = ("confirm_delta", "confirm_ci_low", "confirm_ci_high", "confirm_p", "confirm_p_holm",
+                   "confirm_metric_delta", "confirm_test", "n_confirm")
+DETAIL_COLUMNS = ("feature", "index", "factor", "metric", "delta", "delta_ci_low", "delta_ci_high", "p_value",
+                  "p_holm", "test", "loglik_delta", "loglik_ci_low", "loglik_ci_high", "loglik_p", "loglik_p_holm",
+                  "passed_holm", *CONFIRM_COLUMNS, "clamp_value", "act_p99", "recall_rank", "frequency", "mean_act")
+
+
+def _select(trials: list[dict], actors: list[Any], bases: dict[str, dict], cfg: IdentifyConfig,
+            seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Holm over the search trials, then the held-out recheck; marks `selection_rank` and `kept` in place.
+    Returns (ranked latents, rechecked, per-example rows of the recheck)."""
+    import ray
+
+    c = cfg.causal
+    st.assess(trials, bases["search"], alpha=c.alpha, rank_by=c.rank_by, n_boot=c.n_boot, seed=seed)
+    ranked = st.rank_latents(trials, c.rank_by)
     for t in trials:
-        if t["status"] != "ok" or not t["delta"] > 0:
-            continue
-        cur = best.get(t["index"])
-        key = (t["delta"], np.nan_to_num(t["loglik_delta"], nan=-np.inf))
-        if cur is None or key > (cur["delta"], np.nan_to_num(cur["loglik_delta"], nan=-np.inf)):
-            best[t["index"]] = t
-    ranked = sorted(best.values(), key=lambda t: (-t["delta"], -np.nan_to_num(t["loglik_delta"], nan=-np.inf),
-                                                   t["recall_rank"], t["index"]))
-    return ranked[:k]
+        t.update({"selection_rank": -1, "kept": False, **{k: None if k == "confirm_test" else float("nan")
+                                                           for k in CONFIRM_COLUMNS}})
+    for i, t in enumerate(ranked):
+        t["selection_rank"] = i
+    if c.confirm_fraction == 0:
+        for t in ranked:
+            t["kept"] = True
+        return ranked, [], []
+    rechecked = ranked[: c.confirm_top]
+    runs = ray.get([actors[i % len(actors)].evaluate.remote(t["index"], t["factor"], "confirm")
+                    for i, t in enumerate(rechecked)])
+    for t, r in zip(rechecked, runs):
+        t["confirm_scores"], t["confirm_logliks"] = r["scores"], r["logliks"]
+    st.confirm(rechecked, bases["confirm"], alpha=c.alpha, rank_by=c.rank_by, n_boot=c.n_boot, seed=seed)
+    rows = [{"kind": "confirm", "feature": t["feature"], "factor": t["factor"], "part": "confirm", "actor": None,
+             "repeat": None, "scores": t.pop("confirm_scores"), "logliks": t.pop("confirm_logliks")} for t in rechecked]
+    return ranked, rechecked, rows
 
 
 def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, Any]:
@@ -165,10 +239,11 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
 
     from igds_ray.models.loading import sae_info
     from igds_ray.stages.score import init_ray
-    from igds_ray.storage import StageDir, exists, join, read_json, write_json_atomic
+    from igds_ray.storage import StageDir, exists, filesystem, join, read_json, write_json_atomic
     from igds_ray.tasks import TaskDataError, get_task, load_task_set
 
     c = cfg.causal
+    seed = cfg.seed if c.stats_seed is None else c.stats_seed
     features_json = join(cfg.run_dir, "features", "features.json")
     out = StageDir(join(cfg.run_dir, "features", "causal.parquet"))
     if out.done() and exists(features_json) and not cfg.overwrite:
@@ -191,6 +266,11 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
             f"causal filtering needs at least causal.min_dev={c.min_dev} dev examples; "
             f"{cfg.task.dev_source or cfg.task.source} (split {cfg.task.dev_split}) has {len(dev.examples)} usable"
         )
+    try:
+        search_idx, confirm_idx = st.split_dev(len(dev.examples), c.confirm_fraction, seed)
+    except ValueError as e:
+        raise TaskDataError(str(e)) from None
+    parts = {"search": search_idx, **({"confirm": confirm_idx} if confirm_idx else {})}
     # Save Tune's experiment state every second (default: at least every 10 s), so a crash loses
     # at most the trials finished in the last second; the driver reads this when it builds the search.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -199,23 +279,23 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
     sampling = dict(max_new_tokens=c.max_new_tokens, repetition_penalty=c.repetition_penalty,
                     stop=tuple(getattr(task, "stop_sequences", ()) or ()))
     Worker = ray.remote(GenerationWorker)
-    tag = uuid.uuid4().hex[:8]
-    names = [f"igds-gen-{tag}-{i}" for i in range(c.gen_actors)]
+    names = [f"igds-gen-{uuid.uuid4().hex[:8]}-{i}" for i in range(c.gen_actors)]
+    cand_ids = tuple(int(r["index"]) for r in rec)
     actors = [
         Worker.options(name=n, num_cpus=c.gen_num_cpus, num_gpus=c.gen_num_gpus or None).remote(
-            c.backend, to_dict(cfg.model), to_dict(cfg.sae), task, [e.to_dict() for e in dev.examples],
-            c.template, sampling, si.layer, c.gen_batch_size, c.loglik)
+            c.backend, to_dict(cfg.model), to_dict(cfg.sae), task, [e.to_dict() for e in dev.examples], parts,
+            c.template, sampling, si.layer, c.gen_batch_size, c.loglik, c.mode, cand_ids)
         for n in names
     ]
     infos = ray.get([a.info.remote() for a in actors])
+    p99 = ray.get(actors[0].act_p99.remote())
     t_loaded = time.time()
-    base = ray.get(actors[0].evaluate.remote(None, None))
-    log.info("base metric %.4f on %d dev examples", base["metric"], base["n"])
+    bases, floor, example_rows = _base_runs(actors, list(parts))
+    log.info("base metric %.4f on %d search examples", bases["search"]["metric"], len(search_idx))
 
     candidates = [{"index": int(r["index"]), "factor": float(v), "slot": i, "recall_rank": int(r["rank"])}
                   for i, (r, v) in enumerate((r, v) for r in rec for v in c.factors)]
-    trainable = tune.with_resources(tune.with_parameters(_trial, actor_names=names, base=base),
-                                    {"cpu": c.trial_num_cpus})
+    trainable = tune.with_resources(tune.with_parameters(_trial, actor_names=names), {"cpu": c.trial_num_cpus})
     storage = os.path.abspath(join(cfg.run_dir, "features", "tune")) if "://" not in cfg.run_dir else join(
         cfg.run_dir, "features", "tune")
     path = join(storage, "causal")
@@ -232,31 +312,19 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
             run_config=tune.RunConfig(storage_path=storage, name="causal", verbose=0),
         )
     grid = tuner.fit()
+    trials = _collect(grid, {int(r["index"]): r for r in rec}, si.layer, p99)
+    ranked, rechecked, confirm_rows = _select(trials, actors, bases, cfg, seed)
     search_wall = time.time() - t_start
-    calls = sum(i["calls"] for i in ray.get([a.info.remote() for a in actors]))
+    calls = [i["calls"] for i in ray.get([a.info.remote() for a in actors])]
     for a in actors:
         ray.kill(a)
 
-    by_rank = {int(r["index"]): r for r in rec}
-    trials = []
-    for res in grid:
-        cand = res.config["candidate"]
-        r = by_rank[cand["index"]]
-        m = res.metrics or {}
-        ok = res.error is None and "metric" in m
-        trials.append({
-            "feature": str(FeatureId(si.layer, cand["index"])), "index": cand["index"], "factor": cand["factor"],
-            "status": "ok" if ok else "error", "error": None if ok else _root_error(res.error),
-            "metric": m.get("metric", float("nan")) if ok else float("nan"),
-            "delta": m.get("delta", float("nan")) if ok else float("nan"),
-            "loglik": m.get("loglik", float("nan")) if ok else float("nan"),
-            "loglik_delta": m.get("loglik_delta", float("nan")) if ok else float("nan"),
-            "n_unparseable": m.get("n_unparseable", -1) if ok else -1,
-            "gen_s": m.get("gen_s", float("nan")) if ok else float("nan"),
-            "loglik_s": m.get("loglik_s", float("nan")) if ok else float("nan"),
-            "recall_rank": cand["recall_rank"], "frequency": r["frequency"], "mean_act": r["mean_act"],
-        })
-    trials.sort(key=lambda t: (t["recall_rank"], t["factor"]))
+    example_rows += [{"kind": "trial", "feature": t["feature"], "factor": t["factor"], "part": "search",
+                      "actor": None, "repeat": None, "scores": t.pop("scores"), "logliks": t.pop("logliks")}
+                     for t in trials] + confirm_rows
+    fs, ex_path = filesystem(join(cfg.run_dir, "features", "causal_examples.parquet"))
+    fs.create_dir(ex_path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.Table.from_pylist(example_rows), ex_path, filesystem=fs)
     staging = out.begin(overwrite=True)
     pq.write_table(pa.Table.from_pylist(trials), f"{staging}/part-0.parquet",
                    filesystem=None if "://" not in out.uri else out.fs)
@@ -264,9 +332,16 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
     ll_ok = [t for t in ok if not math.isnan(t["loglik_delta"])]
     load_wall = t_loaded - t_start
     summary = {
-        "base_metric": base["metric"], "base_loglik": base["loglik"], "dev_examples": base["n"],
-        "base_n_unparseable": base["n_unparseable"], "trials": len(trials), "failed_trials": len(trials) - len(ok),
-        "evaluations_this_run": calls, "search_wall_s": round(search_wall, 3), "model_load_wall_s": round(load_wall, 3),
+        "base_metric": bases["search"]["metric"], "base_loglik": bases["search"]["loglik"],
+        "base_confirm_metric": bases["confirm"]["metric"] if "confirm" in bases else None,
+        "dev_examples": len(dev.examples), "n_search": len(search_idx), "n_confirm": len(confirm_idx),
+        "trials": len(trials), "failed_trials": len(trials) - len(ok), "latents_passed_holm": len(ranked),
+        "rechecked": len(rechecked), "alpha": c.alpha, "rank_by": c.rank_by, "mode": c.mode, "n_boot": c.n_boot,
+        "stats_seed": seed, "tests": sorted({t["test"] for t in ok} | {t["loglik_test"] for t in ll_ok}),
+        "noise_floor": floor,
+        "evaluations_this_run": sum(sum(x.values()) for x in calls),
+        "trial_evaluations_this_run": sum(x["trial"] for x in calls),
+        "search_wall_s": round(search_wall, 3), "model_load_wall_s": round(load_wall, 3),
         "model_load_share": round(load_wall / search_wall, 4) if search_wall else None,
         "actor_load_s": [round(i["load_s"], 3) for i in infos],
         "mean_trial_gen_s": round(float(np.mean([t["gen_s"] for t in ok])), 4) if ok else None,
@@ -279,26 +354,26 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
     out.commit(staging, {"stage": "causal", "config": to_dict(cfg), **summary})
 
     chosen = choose(trials, c.k)
-    selected_by = "causal"
+    selected_by, reason = "causal", None
     if not chosen:
+        reason = st.fallback_reason(trials, ranked, rechecked, alpha=c.alpha, rank_by=c.rank_by)
         if c.fallback != "top_recall":
             raise NoHelpfulFeature(
-                f"no candidate latent improved the dev metric (base {base['metric']:.4f}; {len(ok)} trials ran, "
-                f"{len(trials) - len(ok)} failed; best delta "
-                f"{max((t['delta'] for t in ok), default=float('nan')):.4f}). Try more factors, a larger dev set, "
-                "or causal.fallback: top_recall"
+                f"no candidate latent passed the causal test: {reason}; base {bases['search']['metric']:.4f} on "
+                f"{len(search_idx)} search examples, {len(ok)} trials ran, {len(trials) - len(ok)} failed. Try "
+                "more factors, causal.mode: clamp, a larger dev set, or causal.fallback: top_recall"
             )
-        selected_by = "fallback:top_recall"
-        top = rec[: c.k]
-        chosen = [{"feature": str(FeatureId(si.layer, int(r["index"]))), "index": int(r["index"]), "factor": None,
-                   "delta": None, "metric": None, "loglik_delta": None, "recall_rank": int(r["rank"]),
-                   "frequency": r["frequency"], "mean_act": r["mean_act"]} for r in top]
+        log.warning("causal filter kept no latent (%s): falling back to the top recalled latent(s)", reason)
+        selected_by = "fallback"
+        chosen = [{"feature": str(FeatureId(si.layer, int(r["index"]))), "index": int(r["index"]),
+                   "recall_rank": int(r["rank"]), "frequency": r["frequency"], "mean_act": r["mean_act"],
+                   "act_p99": p99.get(int(r["index"]))} for r in rec[: c.k]]
     result = {
         "layer": si.layer,
         "features": [t["feature"] for t in chosen],
         "selected_by": selected_by,
-        "details": [{k: t[k] for k in ("feature", "index", "factor", "delta", "metric", "loglik_delta",
-                                        "recall_rank", "frequency", "mean_act")} for t in chosen],
+        "fallback_reason": reason,
+        "details": [{k: t.get(k) for k in DETAIL_COLUMNS} for t in chosen],
         **summary,
     }
     write_json_atomic(features_json, result)

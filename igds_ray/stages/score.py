@@ -4,7 +4,8 @@ scorers, each holding one copy of the LM (run only up to layer L) and a k-featur
 Output (`<out>/`, committed with `_SUCCESS`): one row per pool row with `id`, `score` (sum of the
 chosen features' pooled activations), `acts` (the k pooled activations, in feature order),
 `n_tokens` (tokens run through the model for that row), `truncated`, `error` (why a row has no
-score; never dropped), `src_file`, `src_row`.
+score; never dropped), `src_file`, `src_row`, `rendered` (the prompt was put into the task template
+before scoring, `pool.prompt_template`; the manifest's `prompts` counts them).
 
 Reliability (`run_stage`, shared with the baselines): the output directory is locked for the run
 (`storage.DirLock`: a second run fails at once, naming the holder). Each write task writes its rows
@@ -54,7 +55,16 @@ from igds_ray.models.loading import (
     sae_info,
 )
 from igds_ray.models.runner import FeatureEncoder, LayerRunner
-from igds_ray.tokenize import Example, ExampleBuilder, split_built
+from igds_ray.tokenize import (
+    Example,
+    ExampleBuilder,
+    PromptRenderer,
+    build_task,
+    prompt_facts,
+    PROMPT_POOLINGS,
+    prompt_mode,
+    split_built,
+)
 
 log = logging.getLogger(__name__)
 # index_reduce_ is exact for amax/mean; torch flags the API itself as beta.
@@ -111,7 +121,8 @@ class PooledFeatureActs:
                 pooled = acts  # one position per row, in row order
             else:
                 pooled = torch.zeros((len(mb), acts.shape[1]), dtype=acts.dtype, device=acts.device)
-                pooled.index_reduce_(0, rows, acts, "amax" if self.pooling == "max" else "mean", include_self=False)
+                reduce = "amax" if self.pooling in ("max", "prompt_max") else "mean"
+                pooled.index_reduce_(0, rows, acts, reduce, include_self=False)
             out[mb] = pooled.cpu().numpy()
         return out
 
@@ -120,13 +131,23 @@ class PooledFeatureActs:
         return next(self.runner.model.parameters()).device
 
 
+def scored_schema(id_type: pa.DataType) -> pa.Schema:
+    """An igds scores part: the shared scores schema plus whether the prompt was put into the task template."""
+    return S.scores_schema(id_type).append(pa.field(S.RENDERED, pa.bool_()))
+
+
 class FeatureScorer:
     """Ray Data callable class: one model + SAE per actor, loaded once in `__init__`."""
 
     def __init__(self, cfg: dict[str, Any] | ScoreConfig, fail_after_batches: int | None = None,
-                 hooks: dict[str, Any] | None = None) -> None:
+                 hooks: dict[str, Any] | None = None, task: Any = None) -> None:
         self.cfg = cfg if isinstance(cfg, ScoreConfig) else from_dict(ScoreConfig, cfg)
         c = self.cfg
+        mode = prompt_mode(c)
+        # The driver passes the task it built (a task registered only in the driver process still
+        # reaches the actor, pickled); in process it is built here.
+        self.renderer = (PromptRenderer(task if task is not None else build_task(c), c.pool.template_index, mode)
+                         if mode in ("auto", "task") else None)
         device = resolve_device(c.model.device)
         if device.type == "cpu" and c.num_cpus >= 1:
             torch.set_num_threads(max(1, int(c.num_cpus)))
@@ -180,18 +201,22 @@ class FeatureScorer:
         for i in range(n):
             if errors[i] is None:
                 for name in c.pool.text_columns:
-                    if name == c.pool.response_column and c.pooling == "last" and not c.pool.text_column:
-                        continue  # the response is not read by `last`; an empty one is allowed
+                    if name == c.pool.response_column and c.pooling in PROMPT_POOLINGS and not c.pool.text_column:
+                        continue  # the response is not read by `last`/`prompt_*`; an empty one is allowed
                     if not cols[name][i].strip():
                         errors[i] = f"{name} is empty or whitespace only"
                         break
         ok = [i for i in range(n) if errors[i] is None]
+        rendered = [False] * n
         if c.pool.text_column:
             built = self.builder.build_text([cols[c.pool.text_column][i] for i in ok])
         else:
-            built = self.builder.build_pairs(
-                [cols[c.pool.prompt_column][i] for i in ok], [cols[c.pool.response_column][i] for i in ok]
-            )
+            prompts = [cols[c.pool.prompt_column][i] for i in ok]
+            if self.renderer is not None:
+                prompts, flags = self.renderer.render(prompts)
+                for i, f in zip(ok, flags):
+                    rendered[i] = f
+            built = self.builder.build_pairs(prompts, [cols[c.pool.response_column][i] for i in ok])
         rows, examples = split_built(ok, built, errors)
         score = [None] * n
         acts: list[list[float] | None] = [None] * n
@@ -219,8 +244,9 @@ class FeatureScorer:
                 S.ERROR: pa.array(errors, pa.string()),
                 S.SRC_FILE: table.column(S.SRC_FILE),
                 S.SRC_ROW: table.column(S.SRC_ROW),
+                S.RENDERED: pa.array(rendered, pa.bool_()),
             },
-            schema=S.scores_schema(id_col.type),
+            schema=scored_schema(id_col.type),
         )
 
 
@@ -255,9 +281,14 @@ def resolve_hooks(hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     return merged
 
 
-def validate(cfg: ScoreConfig) -> None:
-    """Everything checkable from configs, before any weights are loaded."""
+def validate(cfg: ScoreConfig) -> Any:  # noqa: ANN401
+    """Everything checkable from configs, before any weights are loaded. Returns the task prompts
+    are rendered in (None: as stored), its template checked."""
     check_compatible(model_info(cfg.model), sae_info(cfg.sae), cfg.feature_ids)
+    task = build_task(cfg)
+    if task is not None:
+        PromptRenderer(task, cfg.pool.template_index, prompt_mode(cfg))  # type: ignore[arg-type]
+    return task
 
 
 def init_ray() -> None:
@@ -310,8 +341,9 @@ def run(cfg: ScoreConfig, fail_after_batches: int | None = None,
     one is resumed (its finished parts kept). Returns the manifest."""
     import ray
 
-    validate(cfg)
-    kwargs = {"cfg": to_dict(cfg), "fail_after_batches": fail_after_batches, "hooks": resolve_hooks(hooks)}
+    task = validate(cfg)
+    kwargs = {"cfg": to_dict(cfg), "fail_after_batches": fail_after_batches, "hooks": resolve_hooks(hooks),
+              "task": task}
 
     def build(ds, pool):  # noqa: ANN001, ANN202
         return ds.map_batches(
@@ -325,7 +357,8 @@ def run(cfg: ScoreConfig, fail_after_batches: int | None = None,
         )
 
     return run_stage("igds", cfg, cfg.pool, cfg.out, cfg.overwrite, build,
-                     actor_pool=(cfg.min_actors, cfg.num_cpus, "min_actors × num_cpus"), resumable=True)
+                     actor_pool=(cfg.min_actors, cfg.num_cpus, "min_actors × num_cpus"), resumable=True,
+                     prompts=prompt_facts(cfg))
 
 
 # Config keys that change how a stage runs, not what it writes: an attempt begun with other values
@@ -494,6 +527,7 @@ def run_stage(
     build: Callable[["ray.data.Dataset", Any], "ray.data.Dataset"],  # noqa: F821
     actor_pool: tuple[int, float, str] | None = None,
     resumable: bool = False,
+    prompts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Discover the pool, `build(ds, pool)` the scoring plan, write it, check every pool row is there
     exactly once, commit. Returns the manifest.
@@ -507,7 +541,8 @@ def run_stage(
     the rows they lack are read and scored; otherwise it is cleared and started again. Every
     (src_file, src_row) of the pool must appear exactly once, or nothing is committed.
     `actor_pool`: (actors reserved up front, CPUs per actor, the config keys that set them), for the
-    CPU-headroom warning (`check_cpu_headroom`).
+    CPU-headroom warning (`check_cpu_headroom`). `prompts`: how prompts were written, recorded in the
+    manifest with `rendered_rows` (summed from the parts' `rendered` column).
     """
     import pyarrow.dataset as pads
 
@@ -547,8 +582,12 @@ def run_stage(
 
         written = pads.dataset(staging_path, format="parquet", filesystem=out.fs)
         file_index = {f.rel: i for i, f in enumerate(pool.files)}
-        keys, ids, n_err, n_trunc, tokens = [], [], 0, 0, 0
-        for batch in written.to_batches(columns=[S.ERROR, S.TRUNCATED, S.N_TOKENS, S.SRC_FILE, S.SRC_ROW, S.ID]):
+        keys, ids, n_err, n_trunc, tokens, n_rendered = [], [], 0, 0, 0, 0
+        has_rendered = S.RENDERED in written.schema.names
+        for batch in written.to_batches(columns=[S.ERROR, S.TRUNCATED, S.N_TOKENS, S.SRC_FILE, S.SRC_ROW, S.ID]
+                                        + ([S.RENDERED] if has_rendered else [])):
+            if has_rendered:
+                n_rendered += int(np.asarray(batch.column(S.RENDERED).to_numpy(zero_copy_only=False)).sum())
             n_err += batch.num_rows - batch.column(0).null_count
             n_trunc += int(np.asarray(batch.column(1).to_numpy(zero_copy_only=False)).sum())
             tokens += int(np.asarray(batch.column(2).to_numpy(zero_copy_only=False), dtype=np.int64).sum())
@@ -587,5 +626,7 @@ def run_stage(
             "scored_rows": n_rows - resumed_rows,
             "wall_s": round(wall, 3),
         }
+        if prompts is not None:
+            manifest["prompts"] = {**prompts, "rendered_rows": n_rendered}
         held.check()
         return out.commit(staging, manifest)

@@ -1,16 +1,23 @@
 """Keep the top fraction (or top n) of a scored pool, exactly and deterministically.
 
-Order: score descending, ties broken by id ascending, then by source position (`src_file`,
-`src_row`), so that even rows sharing an id are ranked the same way on every run. Rows with an `error` have no score and are
-never selected. The pool is never collected on the driver: Ray Data sorts the (id, score, src)
-columns in a distributed sort, and the chosen rows are fetched back from the pool file by file.
+Order: score descending; equal scores by a seeded hash of the id (`tie_seed`), so that which rows of
+a tie block at the cutoff are kept is a seeded draw, not the lowest ids or the first files; then by
+id and source position (`src_file`, `src_row`), so that even rows sharing an id are ranked the same
+way on every run. Rows with an `error` have no score and are never selected. The pool is never
+collected on the driver: Ray Data sorts the (id, score, tie key, src) columns in a distributed sort,
+the chosen rows are fetched back from the pool file by file, and the facts about zeros and ties are
+counted per block by tasks (the driver adds up one small tuple per block).
 
 Output `<out>/<arm>.parquet/` (a Parquet dataset directory with `_SUCCESS`): `id`, `score`,
-`rank` (0 = best), `src_file`, `src_row`, and, with `write_rows`, the pool's text columns.
+`rank` (0 = best), `src_file`, `src_row`, and, with `write_rows`, the pool's text columns. The
+manifest adds `zero_rows`/`zero_share` (rows scoring exactly 0, of the rows with a score), `cutoff`
+(the last kept row's score, id, rank) and `tie_block` (`rows`: rows scoring exactly the cutoff score,
+`kept`: how many of them were kept).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -28,6 +35,21 @@ from igds_ray.pool import as_text
 from igds_ray.storage import StageDir, filesystem, join, path_in
 
 log = logging.getLogger(__name__)
+
+TIE = "_tie"  # internal sort key: a seeded hash of the id, dropped before the output is written
+
+
+def tie_keys(seed: int, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """int64 per id: blake2b of the id keyed by the seed, 63 bits kept. The key differs from the
+    random baseline's (`uniform01`), so with equal seeds its draw and the tie order are unrelated.
+    Integer and string ids hash differently (`1` vs `"1"`), as there."""
+    key = b"igds-select-tie:" + int(seed).to_bytes(16, "little", signed=True)
+    tag = b"i:" if pa.types.is_integer(ids.type) else b"s:"
+    out = np.empty(len(ids), dtype=np.int64)
+    for i, v in enumerate(ids.to_pylist()):
+        d = hashlib.blake2b(tag + str(v).encode(), digest_size=8, key=key).digest()
+        out[i] = int.from_bytes(d, "little") >> 1
+    return out
 
 
 def keep_count(n_scored: int, fraction: float | None, n: int | None) -> int:
@@ -67,15 +89,17 @@ def _fetch_rows(group: pa.Table, pool_uri: str, text_columns: list[str], fs: "pa
     return out
 
 
-def _scored_only(t: pa.Table, column: str, max_score: float | None) -> pa.Table:
-    """Rows with a finite score (at most `max_score`), the ranking column renamed to `score`."""
+def _scored_only(t: pa.Table, column: str, max_score: float | None, tie_seed: int) -> pa.Table:
+    """Rows with a finite score (at most `max_score`), the ranking column renamed to `score`, and
+    their tie key."""
     if column != S.SCORE:
         t = t.rename_columns([S.SCORE if c == column else c for c in t.column_names])
     col = t.column(S.SCORE)
     keep = pc.and_(pc.is_valid(col), pc.is_finite(col))
     if max_score is not None:
         keep = pc.and_(keep, pc.less_equal(col, max_score))
-    return t.filter(keep)
+    t = t.filter(keep)
+    return t.append_column(TIE, pa.array(tie_keys(tie_seed, t.column(S.ID)), pa.int64()))
 
 
 def _remote(fn):  # noqa: ANN001, ANN202
@@ -91,7 +115,23 @@ def _num_rows(t: pa.Table) -> int:
 
 @_remote
 def _add_rank(t: pa.Table, start: int) -> pa.Table:
+    t = t.drop_columns([TIE])
     return t.append_column(S.RANK, pa.array(np.arange(start, start + t.num_rows, dtype=np.int64)))
+
+
+@_remote
+def _count_equal(t: pa.Table, values: list[float]) -> list[int]:
+    """Rows of one block whose score equals each of `values` (exactly)."""
+    col = t.column(S.SCORE)
+    return [int(pc.sum(pc.equal(col, v)).as_py() or 0) for v in values]
+
+
+def _count_blocks(refs: list[Any], values: list[float]) -> list[int]:
+    """`_count_equal` over blocks, added up: one small list per block reaches the driver."""
+    import ray
+
+    per_block = ray.get([_count_equal.remote(r, values) for r in refs])
+    return [int(sum(c[j] for c in per_block)) for j in range(len(values))]
 
 
 @_remote
@@ -124,22 +164,24 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
 
     init_ray()
     t0 = time.time()
-    ctx = ray.data.DataContext.get_current()
-    # `limit` after `sort` must see the sorted blocks in order, or the top-n would not be exact.
-    ctx.execution_options.preserve_order = True
     ds = ray.data.read_parquet(
         [f.split("://", 1)[-1] if "://" in f else f for f in scores.files()],
         columns=[S.ID, cfg.score_column, S.SRC_FILE, S.SRC_ROW],
         filesystem=scores.fs,
     )
-    scored = ds.map_batches(_scored_only, fn_kwargs={"column": cfg.score_column, "max_score": cfg.max_score},
+    # `limit` after `sort` must see the sorted blocks in order, or the top-n would not be exact. The
+    # dataset's own context (a copy of the global one, shared by the datasets derived from it) is
+    # set, never Ray's global DataContext.
+    ds.context.execution_options.preserve_order = True
+    scored = ds.map_batches(_scored_only, fn_kwargs={"column": cfg.score_column, "max_score": cfg.max_score,
+                                                     "tie_seed": cfg.tie_seed},
                             batch_format="pyarrow", batch_size=None).materialize()
     n_scored = scored.count()
     n_keep = keep_count(n_scored, cfg.fraction, cfg.n)
-    cutoff = None
-    ranked = scored.limit(0)
+    cutoff = tie_block = None
+    ranked = scored.limit(0).drop_columns([TIE])
     if n_keep:
-        top = scored.sort([S.SCORE, S.ID, S.SRC_FILE, S.SRC_ROW], descending=[True, False, False, False]
+        top = scored.sort([S.SCORE, TIE, S.ID, S.SRC_FILE, S.SRC_ROW], descending=[True, False, False, False, False]
                           ).limit(n_keep).materialize()
         refs = top.to_arrow_refs()
         sizes = ray.get([_num_rows.remote(r) for r in refs])
@@ -148,6 +190,11 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
         last = ray.get(_last_row.remote(ranked_refs[max(i for i, n in enumerate(sizes) if n)]))
         cutoff = {"score": last[S.SCORE], "id": last[S.ID], "rank": last[S.RANK]}
         ranked = ray.data.from_arrow_refs(ranked_refs)
+        n_zero, tie_rows = _count_blocks(scored.to_arrow_refs(), [0.0, float(last[S.SCORE])])
+        (tie_kept,) = _count_blocks(refs, [float(last[S.SCORE])])
+        tie_block = {"rows": tie_rows, "kept": tie_kept}
+    else:
+        (n_zero,) = _count_blocks(scored.to_arrow_refs(), [0.0])
     if cfg.write_rows and n_keep:
         pool_cfg = smanifest["pool"]
         # One group per pool file: each file is opened once, however its rows rank.
@@ -166,7 +213,10 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
         "rows_scored": n_scored,
         "rows_in_scores": smanifest.get("rows"),
         "rows": n_keep,
+        "zero_rows": n_zero,
+        "zero_share": n_zero / n_scored if n_scored else None,
         "cutoff": cutoff,
+        "tie_block": tie_block,
         "wall_s": round(time.time() - t0, 3),
     }
     held.check()

@@ -1,0 +1,94 @@
+"""The oracle arm (a ceiling that reads the pool's labels) and the demo world's own P1/P2 check."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from igds_ray import schema as S
+from igds_ray.baselines import LABEL_ARMS, oracle, select_config
+from igds_ray.config import from_dict
+from igds_ray.demo import world as W
+from igds_ray.demo.calibrate import oracle_half
+from igds_ray.errors import PoolError
+from igds_ray.stages import select
+
+
+def _pool(root, n=120, files=3, row_group_size=7):
+    rows = [{"id": f"p{i:04d}", "prompt": f"Question {i}?\n", "response": f"answer {i}",
+             "utility": [2, 1, 0][i % 3] if i % 11 else None} for i in range(n)]
+    root.mkdir(parents=True)
+    per = n // files
+    for f in range(files):
+        pq.write_table(pa.Table.from_pylist(rows[f * per:(f + 1) * per]), root / f"part-{f}.parquet",
+                       row_group_size=row_group_size)
+    return rows
+
+
+def test_oracle_scores_are_the_labels_and_select_keeps_useful_rows_first(ray_local, tmp_path):
+    rows = _pool(tmp_path / "pool")
+    cfg = from_dict(oracle.OracleConfig, dict(pool=str(tmp_path / "pool"), out=str(tmp_path / "scores"), seed=3,
+                                              batch_size=16))
+    man = oracle.run(cfg)
+    assert man["rows"] == len(rows)
+    df = pd.concat(pd.read_parquet(f) for f in sorted((tmp_path / "scores").glob("*.parquet")))
+    truth = {r["id"]: r["utility"] for r in rows}
+    for _, r in df.iterrows():
+        lab = truth[r[S.ID]]
+        if lab is None:  # a null label cannot be ranked: kept as a row with an error, never dropped
+            assert r[S.ERROR] == "label column 'utility' is null" and pd.isna(r[S.SCORE])
+        else:
+            assert r[oracle.LABEL] == lab and lab <= r[S.SCORE] < lab + 0.5
+    sel = select.run(select_config("oracle", str(tmp_path / "scores"), str(tmp_path / "sel"), fraction=0.5))
+    kept = pd.read_parquet(tmp_path / "sel" / "oracle.parquet")
+    labels = [truth[i] for i in kept[S.ID]]
+    n_useful = sum(v == 2 for v in truth.values())
+    assert sel["rows"] == len(kept) and labels.count(2) == n_useful and 0 not in labels
+
+
+def test_oracle_refuses_a_pool_without_the_label_column_before_compute(tmp_path):
+    _pool(tmp_path / "pool")
+    cfg = from_dict(oracle.OracleConfig, dict(pool=str(tmp_path / "pool"), out=str(tmp_path / "s"), column="quality"))
+    with pytest.raises(PoolError, match="no label column 'quality'.*part-0.parquet|part-0.parquet.*'quality'"):
+        oracle.run(cfg)
+    assert not (tmp_path / "s").exists()
+
+
+def test_world_labels_utility_and_the_oracle_half_takes_useful_then_neutral():
+    mp, tp, sp = W.prompt_formats()
+    held = W.math_sets(5, 50, 100, 100)[3]
+    rows = W.pool_rows(5, 1000, mp, tp, sp, held)
+    for r in rows:
+        expect = (W.USEFUL if r["kind"] == "math_correct" else
+                  W.HARMFUL if r["kind"] in ("math_wrong", "math_truncated") or r["correct"] is False else W.NEUTRAL)
+        assert r["utility"] == expect, r
+    assert set(W.VISIBILITY) == set(W.POOL_MIX) - {"math_correct"}  # every defect says whether it can be seen
+    half = oracle_half(rows, 0.5, seed=1)
+    assert len(half) == 500
+    useful = sum(r["utility"] == W.USEFUL for r in rows)
+    assert sum(r["utility"] == W.USEFUL for r in half) == useful
+    assert not any(r["utility"] == W.HARMFUL for r in half)
+    assert oracle_half(rows, 0.5, seed=1) == half and oracle_half(rows, 0.5, seed=2) != half
+    assert "oracle" in LABEL_ARMS
+
+
+def test_world_check_fine_tunes_and_reports_p1_p2_from_its_own_figures(world):
+    """The in-process fine-tune moves the weights and lowers the loss; P1/P2 are what the margins say."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from igds_ray.demo.calibrate import P1_MIN, P2_MIN, finetune_in_process, measure
+
+    mp, tp, sp = W.prompt_formats()
+    m_rec, m_dev, _, held = W.math_sets(0, 10, 16, 10)
+    pool = W.pool_rows(0, 96, mp, tp, sp, held)
+    before = AutoModelForCausalLM.from_pretrained(world.model_dir).state_dict()
+    model, _, st = finetune_in_process(world.model_dir, pool, epochs=2, lr=3e-3, batch_size=16, max_tokens=64, seed=0)
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert st["steps"] == 2 * (96 // 16) and len(moved) > 0.9 * len(before)
+    out = measure(world.model_dir, pool, m_dev, base_dev=0.25, epochs=1, lr=1e-3, batch_size=16, max_tokens=64,
+                  seed=0, progress=False)
+    assert out["set"] == "dev" and out["n_dev"] == 16 and out["oracle_train"]["rows"] == 48
+    assert out["p1"] == (out["full"] - 0.25 >= P1_MIN) and out["p2"] == (out["oracle"] - out["full"] >= P2_MIN)
