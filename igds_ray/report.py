@@ -89,9 +89,12 @@ def verdicts(rows: list[dict]) -> list[str]:
         out.append(s + ".")
     for c in (c for c in CEILING if c in ok):
         s = f"- Ceiling **{c}** (reads the pool's labels, which no method may): {ok[c]['metric']:.4f}"
-        if FULL in ok and "igds" in ok and ok[c]["metric"] != ok[FULL]["metric"]:
+        if FULL in ok and "igds" in ok and ok[c]["metric"] > ok[FULL]["metric"]:
             gap = (ok["igds"]["metric"] - ok[FULL]["metric"]) / (ok[c]["metric"] - ok[FULL]["metric"])
             s += f"; igds closes {gap:.0%} of the gap from full to it"
+        elif FULL in ok and ok[c]["metric"] <= ok[FULL]["metric"]:
+            s += (f"; it does not beat full ({ok[FULL]['metric']:.4f}), so this run shows no room for any selection "
+                  "above full data")
         out.append(s + ".")
     if BASE in ok:
         worse = [a for a in ok if a != BASE and ok[a]["metric"] < ok[BASE]["metric"]]

@@ -92,3 +92,16 @@ def test_world_check_fine_tunes_and_reports_p1_p2_from_its_own_figures(world):
                   seed=0, progress=False)
     assert out["set"] == "dev" and out["n_dev"] == 16 and out["oracle_train"]["rows"] == 48
     assert out["p1"] == (out["full"] - 0.25 >= P1_MIN) and out["p2"] == (out["oracle"] - out["full"] >= P2_MIN)
+
+
+def test_report_verdict_treats_the_oracle_as_a_ceiling_not_a_baseline():
+    from igds_ray.report import verdicts
+
+    def rows(**m):
+        return [{"arm": a, "metric": v, "status": "ok"} for a, v in m.items()]
+
+    out = "\n".join(verdicts(rows(base=0.1, full=0.3, igds=0.35, random=0.2, oracle=0.4)))
+    assert "**igds** (0.3500) beats full, random." in out  # the oracle is never a baseline to beat
+    assert "Ceiling **oracle**" in out and "igds closes 50% of the gap from full to it" in out
+    out = "\n".join(verdicts(rows(base=0.1, full=0.3, igds=0.2, oracle=0.25)))
+    assert "closes" not in out and "it does not beat full (0.3000)" in out
