@@ -352,6 +352,9 @@ class Pipeline:
         selections = self.selections(features)
         models, failed = self.finetune(selections)
         e = c.evaluate
+        if c.score.pooling in ("prompt_max", "prompt_mean"):
+            # Show the features' activation where they were scored, not at a token scoring never read.
+            e = dataclasses.replace(e, pooling=c.score.pooling)
         arms = {"base": c.model, **models}
         feats = features.get("igds") or next(iter(features.values()), None)
         if not feats:

@@ -106,3 +106,26 @@ def test_report_from_run_files(evaluated):
     assert "broken (failed)" in text and "## Verdict" in text and "## Mechanism" in text
     for png in ("metric_by_arm.png", "activation_by_arm.png", "cost_vs_metric.png"):
         assert (run / "report" / png).stat().st_size > 1000
+
+
+def test_feature_activation_is_read_where_scoring_read(world):
+    """`prompt_max` reads every prompt token: never below the last token's value, above it somewhere
+    (the pipeline passes score.pooling to evaluation when scoring read the prompt)."""
+    from dataclasses import replace
+
+    from igds_ray.config import to_dict
+    from igds_ray.tasks import TaskExample, get_task
+
+    task = get_task("math")
+    exs = [TaskExample(id=f"q{i}", source=r["prompt"], reference=r["response"]).to_dict()
+           for i, r in enumerate(r for r in make_rows(60, seed=4) if "How many" in r["prompt"])][:8]
+    feats = [f"l0_p{i}" for i in range(16)]
+    ecfg = EvalConfig(split=None, max_new_tokens=2)
+    out = {}
+    for pooling in ("last", "prompt_max"):
+        table, info = evaluate._evaluate_arm("base", to_dict(ModelConfig(str(world.model_dir))),
+                                             to_dict(SAEConfig(path=str(world.saes["jumprelu"]))), feats, task, exs,
+                                             to_dict(replace(ecfg, pooling=pooling)))
+        out[pooling] = np.stack(table.column("acts").to_pylist())
+    assert out["last"].shape == out["prompt_max"].shape == (len(exs), 16)
+    assert (out["prompt_max"] >= out["last"] - 1e-6).all() and (out["prompt_max"] > out["last"] + 1e-6).any()

@@ -40,6 +40,9 @@ class EvalConfig:
     num_cpus: float = _help("CPUs per arm evaluation", default=1.0)
     num_gpus: float = _help("GPUs per arm evaluation", default=0.0)
     seed: int = _help("seed for sampling the test set", default=0)
+    pooling: Literal["last", "prompt_max", "prompt_mean"] = _help(
+        "where the chosen features' activation is read on the test prompts; `igds run` reads them where scoring "
+        "did when score.pooling reads the prompt (prompt_max/prompt_mean), else at the last token", default="last")
 
 
 def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: Any, examples: list[dict],
@@ -82,10 +85,10 @@ def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: A
 
     feats = parse_features(features)
     sae_model = load_sae(from_dict(SAEConfig, sae), backend.device)
-    builder = ExampleBuilder(backend.tok, "last", 4096)
+    builder = ExampleBuilder(backend.tok, ecfg["pooling"], 4096)
     acts_fn = PooledFeatureActs(LayerRunner(backend.model, feats[0].layer, prune=False),
                                 FeatureEncoder(sae_model, [f.index for f in feats]), backend.tok.pad_token_id,
-                                "last", 16384)
+                                ecfg["pooling"], 16384)
     built = builder.build_pairs(prompts, [""] * len(prompts))
     ok = [i for i, b in enumerate(built) if not isinstance(b, str)]
     acts = np.full((len(prompts), len(feats)), np.nan, np.float32)
