@@ -12,8 +12,8 @@ pipeline never reads (the report uses it to show what each arm kept): correct ma
 answers (a weak solver's carry/borrow slips by default, or off by 1-5; consistently in the worked
 line and after ``####``), truncated math (cut before the answer), near-duplicates of math rows,
 task-like rows that are not arithmetic (read a number back, arithmetic in another format),
-translation and summarization pairs, number-heavy prose and general chat. A `utility` label (useful / neutral / harmful) is what the `oracle` arm reads, and
-`calibrate.py` checks at build time that the world can test the claim (P1, P2 on the dev set).
+translation and summarization pairs, number-heavy prose and general chat. A `utility` label
+(useful / neutral / harmful) is what the `oracle` arm reads, and `calibrate.py` checks at build time that the world can test the claim (P1, P2 on the dev set).
 Dev and test problems never occur in the pool (no question string is shared).
 """
 
