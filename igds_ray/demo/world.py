@@ -14,7 +14,8 @@ line and after ``####``), truncated math (cut before the answer), near-duplicate
 task-like rows that are not arithmetic (read a number back, arithmetic in another format),
 translation and summarization pairs, number-heavy prose and general chat. A `utility` label
 (useful / neutral / harmful) is what the `oracle` arm reads, and `calibrate.py` checks at build
-time that the world can test the claim (P1, P2 on the dev set). Dev and test problems never occur in the pool (no question string is shared).
+time that the world can test the claim (P1, P2 on the dev set). Dev and test problems never occur
+in the pool (no question string is shared).
 """
 
 from __future__ import annotations
