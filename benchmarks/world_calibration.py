@@ -45,9 +45,11 @@ def remeasure(world, ft: dict, setting: str, seed: int) -> dict:
     dev = pd.read_parquet(world.task_file("math", "dev")).to_dict("records")
     t0 = time.perf_counter()
     c = measure(world.model_dir, pool, dev, world.stats["base_dev_accuracy"], spec.ft_epochs, spec.ft_lr,
-                spec.ft_batch, spec.ft_max_tokens, spec.seed, progress=True)
+                spec.ft_batch, spec.ft_max_tokens, range(spec.calib_seeds), progress=True,
+                threads=spec.threads)
     return {"setting": setting, "ft": ft, "world_seed": seed, "key": spec.key(), "base_dev": c["base"],
-            "full_dev": c["full"], "oracle_dev": c["oracle"], "p1": c["p1"], "p2": c["p2"],
+            "full_dev": c["full"], "oracle_dev": c["oracle"], "full_seeds": c["full_seeds"],
+            "oracle_seeds": c["oracle_seeds"], "p2_se2": c["p2_se2"], "p1": c["p1"], "p2": c["p2"],
             "p1_margin": c["p1_full_minus_base"], "p2_margin": c["p2_oracle_minus_full"],
             "measure_s": round(time.perf_counter() - t0, 1)}
 
@@ -65,12 +67,15 @@ def repool(world_dir: Path, setting: str) -> dict:
     m = math_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
     held = m[3] | translation_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3] | \
         summarization_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3]
-    pool = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held, spec.wrong_answers)
+    pool = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held, spec.wrong_answers, spec.wrong_share,
+                     spec.truncated_share)
     t0 = time.perf_counter()
     c = measure(world_dir / "model", pool, m[1], info["stats"]["base_dev_accuracy"], spec.ft_epochs, spec.ft_lr,
-                spec.ft_batch, spec.ft_max_tokens, spec.seed, progress=True)
+                spec.ft_batch, spec.ft_max_tokens, range(spec.calib_seeds), progress=True,
+                threads=spec.threads)
     return {"world": str(world_dir), "repool": setting, "key": spec.key(), "base_dev": c["base"],
-            "full_dev": c["full"], "oracle_dev": c["oracle"], "p1": c["p1"], "p2": c["p2"],
+            "full_dev": c["full"], "oracle_dev": c["oracle"], "full_seeds": c["full_seeds"],
+            "oracle_seeds": c["oracle_seeds"], "p2_se2": c["p2_se2"], "p1": c["p1"], "p2": c["p2"],
             "p1_margin": c["p1_full_minus_base"], "p2_margin": c["p2_oracle_minus_full"],
             "measure_s": round(time.perf_counter() - t0, 1)}
 
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             c = world.stats["calibration"]
             row = {"setting": setting, "world_seed": seed, "quick": args.quick, "key": spec.key(),
                    "base_dev": c["base"], "full_dev": c["full"], "oracle_dev": c["oracle"],
+                   "full_seeds": c["full_seeds"], "oracle_seeds": c["oracle_seeds"], "p2_se2": c["p2_se2"],
                    "p1": c["p1"], "p2": c["p2"], "p1_margin": c["p1_full_minus_base"],
                    "p2_margin": c["p2_oracle_minus_full"], "build_s": round(time.perf_counter() - t0, 1),
                    "pretrain_loss": world.stats["pretrain"]["loss_last"], "sae_fve": world.stats["sae"].get("fve")}

@@ -95,6 +95,9 @@ class RunConfig:
     no_recall_candidates: int = _help("random latents searched by the igds_no_recall ablation", default=0)
     contrast: ContrastConfig = _help("latents telling correct answers from wrong ones (the igds_response arm)",
                                      default_factory=ContrastConfig)
+    finetune_concurrency: int = _help(
+        "arms fine-tuned at once, each in its own Ray task (0: as many as the cluster's CPUs, or GPUs, hold "
+        "side by side; 1: one after another). An arm's result does not depend on it", default=1)
     seed: int = _help("seed for sampling, random baseline, training", default=0)
     overwrite: bool = _help("recompute every stage", default=False)
 
@@ -112,6 +115,8 @@ class RunConfig:
             raise ConfigError(f"baselines: unknown scorer {sorted(unknown)[0]!r} (known: random, lm, zip, oracle)")
         if self.pool.text_column:
             raise ConfigError("pool: training needs prompt + response columns, not pool.text_column")
+        if self.finetune_concurrency < 0:
+            raise ConfigError(f"finetune_concurrency must be >= 0 (0: auto), got {self.finetune_concurrency}")
 
 
 class Pipeline:
@@ -134,15 +139,25 @@ class Pipeline:
         try:
             out = fn()
         except Exception as e:
-            record(self.run_dir, Record(stage=name, arm=arm, status="failed", wall_s=time.time() - t0, cpus=cpus,
-                                        gpus=gpus, error=f"{type(e).__name__}: {e}"[:2000],
-                                        extra={"used_by": used_by or []}))
+            self.record_stage(name, arm, t0, had, error=e, cpus=cpus, gpus=gpus, used_by=used_by)
             raise
-        if not had:
+        self.record_stage(name, arm, t0, had, out=out, cpus=cpus, gpus=gpus, used_by=used_by, tokens=tokens,
+                          rows=rows)
+        return out
+
+    def record_stage(self, name: str, arm: str, t0: float, had: bool, out: Any = None,
+                     error: BaseException | None = None, cpus: float = 0.0, gpus: float = 0.0,
+                     used_by: list[str] | None = None, tokens: Callable[[Any], int | None] | None = None,
+                     rows: Callable[[Any], int | None] | None = None) -> None:
+        """The ledger record of a stage that started at `t0` (`had`: it was already recorded as ok)."""
+        if error is not None:
+            record(self.run_dir, Record(stage=name, arm=arm, status="failed", wall_s=time.time() - t0, cpus=cpus,
+                                        gpus=gpus, error=f"{type(error).__name__}: {error}"[:2000],
+                                        extra={"used_by": used_by or []}))
+        elif not had:
             record(self.run_dir, Record(stage=name, arm=arm, wall_s=time.time() - t0, cpus=cpus, gpus=gpus,
                                         tokens=tokens(out) if tokens else None, rows=rows(out) if rows else None,
                                         extra={"used_by": used_by or []}))
-        return out
 
     # -- feature identification ------------------------------------------------------------------
 
@@ -312,30 +327,104 @@ class Pipeline:
 
     # -- models ----------------------------------------------------------------------------------
 
-    def finetune(self, selections: dict[str, str]) -> tuple[dict[str, ModelConfig], dict[str, str]]:
+    def finetune_config(self, arm: str, data: str) -> Any:
         from igds_ray.stages import finetune
 
         c = self.cfg
+        return from_dict(finetune.FinetuneConfig, {
+            "seed": c.seed, **c.finetune, "model": to_dict(c.model), "data": data,
+            "out": join(c.run_dir, "models", arm), "arm": arm, "overwrite": c.overwrite,
+            "prompt_column": c.pool.prompt_column, "response_column": c.pool.response_column,
+            "chat_template": c.pool.chat_template})
+
+    def finetune_slots(self, fcs: list[Any]) -> int:
+        """How many arms to fine-tune at once: `finetune_concurrency`, or (0) as many as the cluster's
+        CPUs (GPUs when the arms train on GPUs) hold side by side, never more than the arms."""
+        n = self.cfg.finetune_concurrency
+        if n == 0:
+            import ray
+
+            from igds_ray.stages.score import init_ray
+
+            init_ray()
+            total = ray.cluster_resources()
+            fc = fcs[0] if fcs else None
+            if fc is None:
+                return 1
+            if fc.use_gpu:
+                need, have = fc.num_workers * fc.gpus_per_worker, float(total.get("GPU", 0.0))
+            else:
+                need, have = fc.num_workers * fc.cpus_per_worker, float(total.get("CPU", 0.0))
+            n = int(have // need) if need > 0 else len(fcs)
+        return max(1, min(n, len(fcs)))
+
+    def finetune(self, selections: dict[str, str]) -> tuple[dict[str, ModelConfig], dict[str, str]]:
+        """Fine-tune every arm; one failing arm is reported and the others go on.
+
+        With more than one slot (`finetune_concurrency`), each arm's `finetune.run` runs in its own Ray
+        task (which launches that arm's Ray Train run), a few at a time, and the driver only waits.
+        Every Ray Train worker holds its CPUs (one torch thread per CPU), so an arm trains the same
+        whether it runs alone or beside another. Interrupting the driver cancels the running tasks
+        (their trainers go with them; a rerun resumes from the arms' checkpoints).
+        """
+        from igds_ray.stages import finetune
+
+        c = self.cfg
+        fcs = {arm: self.finetune_config(arm, data) for arm, data in selections.items()}
+        slots = self.finetune_slots(list(fcs.values()))
+        outcomes: dict[str, BaseException | None] = {}
+
+        def resources(fc: Any) -> dict[str, Any]:
+            return dict(cpus=fc.num_workers * fc.cpus_per_worker,
+                        gpus=fc.num_workers * fc.gpus_per_worker if fc.use_gpu else 0.0)
+
+        counts = dict(tokens=lambda m: (m.get("metrics") or {}).get("tokens"),
+                      rows=lambda m: (m.get("metrics") or {}).get("rows"))
+        if slots == 1:
+            for arm, fc in fcs.items():
+                try:
+                    self.stage("finetune", arm, lambda fc=fc: finetune.run(fc), **resources(fc), **counts)
+                    outcomes[arm] = None
+                except Exception as e:  # noqa: BLE001 - reported per arm below
+                    outcomes[arm] = e
+        else:
+            import ray
+
+            # The trainer retries its own workers (FailureConfig); a retried task would start a second trainer.
+            task = ray.remote(num_cpus=0, max_retries=0)(finetune.run)
+            log.info("fine-tuning %d arms, %d at a time", len(fcs), slots)
+            queue, pending = list(fcs.items()), {}
+            try:
+                while queue or pending:
+                    while queue and len(pending) < slots:
+                        arm, fc = queue.pop(0)
+                        had = ("finetune", arm) in self._done_records()
+                        pending[task.remote(fc)] = (arm, fc, time.time(), had)
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    arm, fc, t0, had = pending.pop(ready[0])
+                    try:
+                        out = ray.get(ready[0])
+                    except Exception as e:  # noqa: BLE001 - reported per arm below
+                        # the arm's own error (e.g. StageOutputError naming the file), not Ray's wrapper
+                        e = getattr(e, "cause", None) or e if isinstance(e, ray.exceptions.RayTaskError) else e
+                        self.record_stage("finetune", arm, t0, had, error=e, **resources(fc))
+                        outcomes[arm] = e
+                    else:
+                        self.record_stage("finetune", arm, t0, had, out=out, **resources(fc), **counts)
+                        outcomes[arm] = None
+            finally:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
         models: dict[str, ModelConfig] = {}
         failed: dict[str, str] = {}
-        for arm, data in selections.items():
-            fc = from_dict(finetune.FinetuneConfig, {
-                "seed": c.seed, **c.finetune, "model": to_dict(c.model), "data": data,
-                "out": join(c.run_dir, "models", arm), "arm": arm, "overwrite": c.overwrite,
-                "prompt_column": c.pool.prompt_column, "response_column": c.pool.response_column,
-                "chat_template": c.pool.chat_template})
-            cpus = fc.num_workers * fc.cpus_per_worker
-            gpus = fc.num_workers * fc.gpus_per_worker if fc.use_gpu else 0.0
-            try:
-                self.stage("finetune", arm, lambda fc=fc: finetune.run(fc), cpus=cpus, gpus=gpus,
-                           tokens=lambda m: (m.get("metrics") or {}).get("tokens"),
-                           rows=lambda m: (m.get("metrics") or {}).get("rows"))
-            except Exception as e:  # one failing arm is reported; the others go on
-                log.error("fine-tuning arm %s failed: %s", arm, e)
-                failed[arm] = f"{type(e).__name__}: {e}"
+        for arm in fcs:
+            err = outcomes[arm]
+            if err is not None:
+                log.error("fine-tuning arm %s failed: %s", arm, err)
+                failed[arm] = f"{type(err).__name__}: {err}"
                 continue
             out = join(c.run_dir, "models", arm)
-            models[arm] = (dataclasses.replace(c.model, adapter=out) if fc.method == "lora"
+            models[arm] = (dataclasses.replace(c.model, adapter=out) if fcs[arm].method == "lora"
                            else dataclasses.replace(c.model, name_or_path=out))
         return models, failed
 

@@ -88,10 +88,32 @@ def test_world_check_fine_tunes_and_reports_p1_p2_from_its_own_figures(world):
     model, _, st = finetune_in_process(world.model_dir, pool, epochs=2, lr=3e-3, batch_size=16, max_tokens=64, seed=0)
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert st["steps"] == 2 * (96 // 16) and len(moved) > 0.9 * len(before)
-    out = measure(world.model_dir, pool, m_dev, base_dev=0.25, epochs=1, lr=1e-3, batch_size=16, max_tokens=64,
-                  seed=0, progress=False)
-    assert out["set"] == "dev" and out["n_dev"] == 16 and out["oracle_train"]["rows"] == 48
+    kw = dict(base_dev=0.25, epochs=1, lr=1e-3, batch_size=16, max_tokens=64, seeds=[0, 1], progress=False)
+    out = measure(world.model_dir, pool, m_dev, workers=1, **kw)
+    assert out["set"] == "dev" and out["n_dev"] == 16 and out["seeds"] == [0, 1]
+    assert [t["rows"] for t in out["oracle_train"]] == [48, 48] and [t["seed"] for t in out["full_train"]] == [0, 1]
+    for arm in ("full", "oracle"):  # decided on the mean over the fine-tuning seeds
+        assert len(out[f"{arm}_seeds"]) == 2 and out[arm] == round(sum(out[f"{arm}_seeds"]) / 2, 4)
     assert out["p1"] == (out["full"] - 0.25 >= P1_MIN) and out["p2"] == (out["oracle"] - out["full"] >= P2_MIN)
+    assert out["p2_se2"] is not None and out["p2_se2"] >= 0
+    # Two worker processes of one torch thread each give the same figures as one process in turn.
+    par = measure(world.model_dir, pool, m_dev, workers=2, **kw)
+    assert {k: par[k] for k in ("full_seeds", "oracle_seeds")} == {k: out[k] for k in ("full_seeds", "oracle_seeds")}
+
+
+def test_wrong_share_moves_rows_between_wrong_math_and_off_task_only():
+    mp, tp, sp = W.prompt_formats()
+    held = W.math_sets(5, 50, 100, 100)[3]
+    n = 1000
+    kinds = [{k: sum(r["kind"] == k for r in W.pool_rows(5, n, mp, tp, sp, held, wrong_share=ws)) for k in W.POOL_MIX}
+             for ws in (None, 0.25)]
+    assert kinds[1]["math_wrong"] == 250 and kinds[0]["math_wrong"] == round(W.POOL_MIX["math_wrong"] * n)
+    off = [sum(k[o] for o in W.OFF_TASK) for k in kinds]
+    assert abs((off[0] - off[1]) - (250 - kinds[0]["math_wrong"])) <= 2
+    for k in set(W.POOL_MIX) - set(W.OFF_TASK) - {"math_wrong"}:
+        assert abs(kinds[0][k] - kinds[1][k]) <= 2, k  # correct math and look-alikes stay (rounding aside)
+    with pytest.raises(ValueError, match="wrong_share"):
+        W.pool_rows(5, n, mp, tp, sp, held, wrong_share=0.45)
 
 
 def test_report_verdict_treats_the_oracle_as_a_ceiling_not_a_baseline():

@@ -68,10 +68,14 @@ def expected_top(scores_dir, k, seed=0):
     return df.sort_values([S.SCORE, "tie", S.ID], ascending=[False, True, True]).head(k)
 
 
+# local_max_rows: 0 ranks through Ray Data's distributed sort, 10**6 in process; both meet one definition.
+@pytest.mark.parametrize("local_max_rows", [0, 10**6], ids=["ray", "local"])
 @pytest.mark.parametrize("fraction", [0.5, 0.1, 1.0])
-def test_top_fraction_is_exact_with_ties(ray_local, scored_world, tmp_path, fraction):
+def test_top_fraction_is_exact_with_ties(ray_local, scored_world, tmp_path, fraction, local_max_rows):
     pool, scores = scored_world
-    m = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(tmp_path), fraction=fraction)))
+    m = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(tmp_path), fraction=fraction,
+                                                 local_max_rows=local_max_rows)))
+    assert m["ranked_in"] == ("ray" if local_max_rows == 0 else "local")
     got = pd.read_parquet(tmp_path / "igds.parquet").sort_values(S.RANK)
     n_scored = int(pd.read_parquet(scores)[S.SCORE].notna().sum())
     k = int(np.floor(fraction * n_scored + 1e-9))
@@ -142,14 +146,15 @@ def write_zero_heavy_scores(root, n=400, n_files=4, zero_share=0.7, n_errors=8, 
     return root / "scores", n_zero
 
 
-def test_cutoff_in_a_zero_block_is_a_seeded_draw(ray_local, tmp_path):
+@pytest.mark.parametrize("local_max_rows", [0, 10**6], ids=["ray", "local"])
+def test_cutoff_in_a_zero_block_is_a_seeded_draw(ray_local, tmp_path, local_max_rows):
     scores, n_zero = write_zero_heavy_scores(tmp_path)
     n_scored, n_pos = 400, 400 - n_zero
 
     def run(name, **kw):
         out = tmp_path / name / "selection"
         m = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(out), fraction=0.5,
-                                                     write_rows=False, **kw)))
+                                                     write_rows=False, local_max_rows=local_max_rows, **kw)))
         return m, pd.read_parquet(out / "igds.parquet").sort_values(S.RANK)
 
     m0, g0 = run("s0")
@@ -186,3 +191,20 @@ def test_cutoff_above_the_zeros_reports_its_own_tie_block(ray_local, tmp_path):
                                                  write_rows=False)))
     assert m["zero_rows"] == 120 and m["zero_share"] == 0.3
     assert m["cutoff"]["score"] > 0 and m["tie_block"] == {"rows": 1, "kept": 1}  # positive scores are distinct
+
+
+def test_local_and_ray_rankings_write_the_same_selection(ray_local, scored_world, tmp_path):
+    """Same rows, ranks, scores and text columns (and types), same manifest facts, whichever path ranked."""
+    _, scores = scored_world
+    got = {}
+    for name, lim in (("ray", 0), ("local", 10**6)):
+        m = select.run(from_dict(SelectConfig, dict(scores=str(scores), out=str(tmp_path / name), n=123, fraction=None,
+                                                     tie_seed=5, local_max_rows=lim)))
+        t = pq.read_table(tmp_path / name / "igds.parquet")
+        got[name] = (m, t.sort_by(S.RANK))
+    (mr, tr), (ml, tl) = got["ray"], got["local"]
+    assert tr.schema.remove_metadata() == tl.schema.remove_metadata() or \
+        {f.name: f.type for f in tr.schema} == {f.name: f.type for f in tl.schema}
+    assert tr.to_pydict() == tl.to_pydict()
+    for key in ("rows", "rows_scored", "zero_rows", "cutoff", "tie_block"):
+        assert mr[key] == ml[key], key

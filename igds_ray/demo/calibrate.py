@@ -1,13 +1,14 @@
 """The world's own check that it can test the claim: P1 (fine-tuning helps) and P2 (selection has headroom).
 
-The world build fine-tunes the freshly pretrained base model twice, in process, with the demo
+The world build fine-tunes the freshly pretrained base model in process, with the demo
 pipeline's fine-tuning settings (full fine-tuning, response-only loss, the same tokenisation, batch
 order and learning-rate schedule as `igds_ray.stages.finetune`, but without Ray Train):
 - `full`: every pool row;
 - `oracle`: the top half of the pool by the world's `utility` label (useful rows first, then
   neutral ones; harmful ones last), a seeded sample inside each label class,
-and measures greedy math accuracy on the **dev** set. P1 holds when `full` beats the base by at
-least `P1_MIN`; P2 when `oracle` beats `full` by at least `P2_MIN`. Only these two facts decide the
+each once per fine-tuning seed (`WorldSpec.calib_seeds`, in parallel processes of one torch thread
+each), and measures greedy math accuracy on the **dev** set, averaged over the seeds. P1 holds when
+`full` beats the base by at least `P1_MIN`; P2 when `oracle` beats `full` by at least `P2_MIN`. Only these two facts decide the
 world's parameters (see BENCHMARKS.md, "world calibration"); no IGDS result ever does, and the test
 set is never read here. The pipeline's arms (Ray Train, evaluated on the test set) are the real
 measurement; this is a cheap, in-process check that runs on every world build.
@@ -70,22 +71,69 @@ def finetune_in_process(model_dir: Path, rows: Sequence[dict], epochs: int, lr: 
                         "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None}
 
 
-def measure(model_dir: Path, pool: Sequence[dict], dev: Sequence[dict], base_dev: float, epochs: int, lr: float,
-            batch_size: int, max_tokens: int, seed: int, progress: bool = True) -> dict[str, Any]:
-    """P1 and P2 on the dev set: base, full-pool and oracle-half fine-tunes at equal epochs."""
+def _one(job: tuple) -> tuple[str, int, float, dict]:
+    """One calibration fine-tune + dev accuracy (runs in a worker process with one torch thread)."""
     from igds_ray.demo.world import math_accuracy
 
+    arm, model_dir, rows, dev, epochs, lr, batch_size, max_tokens, seed, threads = job
+    torch.set_num_threads(threads)
+    model, tok, st = finetune_in_process(model_dir, rows, epochs, lr, batch_size, max_tokens, seed)
+    return arm, seed, round(math_accuracy(model, tok, list(dev)), 4), st
+
+
+def measure(model_dir: Path, pool: Sequence[dict], dev: Sequence[dict], base_dev: float, epochs: int, lr: float,
+            batch_size: int, max_tokens: int, seeds: int | Sequence[int], progress: bool = True,
+            workers: int | None = None, threads: int = 1) -> dict[str, Any]:
+    """P1 and P2 on the dev set: base, full-pool and oracle-half fine-tunes at equal epochs, over seeds.
+
+    One fine-tune's accuracy moves by about 5 points with float rounding alone (BENCHMARKS.md), so
+    each arm is fine-tuned once per seed (the seed fixes the batch order and the oracle's draw inside
+    a label class) and P1/P2 are decided on the means; the paired spread of `oracle - full` over the
+    seeds is reported next to it (`p2_se2`: 2 standard errors). Each fine-tune runs with `threads`
+    torch threads, so the figures do not depend on `workers` (processes run side by side).
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+    import statistics
+
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     out: dict[str, Any] = {"set": "dev", "n_dev": len(dev), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                           "seed": seed, "base": base_dev, "p1_min": P1_MIN, "p2_min": P2_MIN}
-    for arm, rows in (("full", list(pool)), ("oracle", oracle_half(pool, 0.5, seed))):
-        model, tok, st = finetune_in_process(model_dir, rows, epochs, lr, batch_size, max_tokens, seed)
-        out[arm] = round(math_accuracy(model, tok, list(dev)), 4)
-        out[f"{arm}_train"] = st
+                           "seeds": seeds, "base": base_dev, "p1_min": P1_MIN, "p2_min": P2_MIN}
+    jobs = [(arm, Path(model_dir), rows, list(dev), epochs, lr, batch_size, max_tokens, s, threads)
+            for s in seeds for arm, rows in (("full", list(pool)), ("oracle", oracle_half(pool, 0.5, s)))]
+    workers = max(1, min(len(jobs), workers or max(1, (os.cpu_count() or 1) // threads)))
+    acc: dict[str, dict[int, float]] = {"full": {}, "oracle": {}}
+    train: dict[str, list[dict]] = {"full": [], "oracle": []}
+
+    def note(arm: str, seed: int, a: float, st: dict) -> None:
+        acc[arm][seed] = a
+        train[arm].append({"seed": seed, **st})
         if progress:
-            print(f"[world] calibration: {arm} ({st['rows']} rows, {st['steps']} steps, {st['wall_s']}s) -> "
-                  f"dev accuracy {out[arm]:.1%}", flush=True)
+            print(f"[world] calibration: {arm} seed {seed} ({st['rows']} rows, {st['steps']} steps, "
+                  f"{st['wall_s']}s) -> dev accuracy {a:.1%}", flush=True)
+
+    if workers == 1:
+        before = torch.get_num_threads()
+        try:
+            for job in jobs:
+                note(*_one(job))
+        finally:
+            torch.set_num_threads(before)
+    else:
+        # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            for fut in cf.as_completed([ex.submit(_one, j) for j in jobs]):
+                note(*fut.result())
+    for arm in ("full", "oracle"):
+        vals = [acc[arm][s] for s in seeds]
+        out[arm] = round(statistics.mean(vals), 4)
+        out[f"{arm}_seeds"] = vals
+        out[f"{arm}_train"] = sorted(train[arm], key=lambda t: t["seed"])
+    diffs = [acc["oracle"][s] - acc["full"][s] for s in seeds]
     out["p1_full_minus_base"] = round(out["full"] - base_dev, 4)
     out["p2_oracle_minus_full"] = round(out["oracle"] - out["full"], 4)
+    out["p2_se2"] = round(2 * statistics.stdev(diffs) / len(diffs) ** 0.5, 4) if len(diffs) > 1 else None
     out["p1"] = bool(out["p1_full_minus_base"] >= P1_MIN)
     out["p2"] = bool(out["p2_oracle_minus_full"] >= P2_MIN)
     return out

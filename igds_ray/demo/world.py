@@ -204,6 +204,7 @@ POOL_MIX: dict[str, float] = {
     "number_prose": 0.06,
     "chat": 0.05,
 }
+OFF_TASK = ("translation", "summarization", "number_prose", "chat")
 # What a row is worth to a math fine-tune (the `utility` column; the oracle arm ranks by it):
 # 2 useful (a correct worked answer), 1 neutral (teaches no math, or repeats a correct row),
 # 0 harmful (a wrong or cut-off answer in the task's own format).
@@ -234,15 +235,28 @@ ON_TASK_CLEAN = "math_correct"
 
 def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_prompt: Callable[[str], str],
               summarization_prompt: Callable[[str], str], held_out: set[str],
-              wrong_answers: str = "slip") -> list[dict]:
+              wrong_answers: str = "slip", wrong_share: float | None = None,
+              truncated_share: float | None = None) -> list[dict]:
     """`n` pool rows (prompt, response, kind) in a seeded shuffled order; no held-out source appears.
 
     `wrong_answers`: how the `math_wrong` rows are wrong: `slip` (a weak solver's systematic carry and
-    borrow bugs, `slip_answer`) or `offset` (the true answer off by 1-5 either way, mean-zero noise)."""
+    borrow bugs, `slip_answer`) or `offset` (the true answer off by 1-5 either way, mean-zero noise).
+    `wrong_share`, `truncated_share`: the pool's share of `math_wrong` / `math_truncated` rows (None:
+    POOL_MIX's); the difference is taken from (or given to) the off-task kinds in proportion, so the
+    correct worked math and the look-alikes stay as they are and only the amount of harm changes."""
     if wrong_answers not in ("slip", "offset"):
         raise ValueError(f"wrong_answers must be slip or offset, got {wrong_answers!r}")
+    mix = dict(POOL_MIX)
+    shares = {k: v for k, v in (("math_wrong", wrong_share), ("math_truncated", truncated_share)) if v is not None}
+    if shares:
+        room = sum(mix[k] for k in OFF_TASK) + sum(mix[k] for k in shares)
+        if any(v < 0 for v in shares.values()) or sum(shares.values()) >= room:
+            raise ValueError(f"wrong_share + truncated_share must be in [0, {room:.2f}) (their default shares + "
+                             f"the off-task ones), got {shares}")
+        scale = (room - sum(shares.values())) / (room - sum(mix[k] for k in shares))
+        mix.update({k: mix[k] * scale for k in OFF_TASK}, **shares)
     rng = random.Random(seed * 1031 + 29)
-    counts = {k: int(round(f * n)) for k, f in POOL_MIX.items()}
+    counts = {k: int(round(f * n)) for k, f in mix.items()}
     counts["math_correct"] += n - sum(counts.values())
     rows: list[dict] = []
     math_rows: list[tuple[MathProblem, int]] = []
@@ -376,6 +390,8 @@ class WorldSpec:
     math_share: float = 0.03
     arith_share: float | None = 0.3  # bare "a + b = c" documents; None: an equal share of the non-math rest
     wrong_answers: str = "slip"  # how math_wrong rows are wrong: slip (systematic carry/borrow bugs) or offset
+    wrong_share: float | None = None  # share of math_wrong rows in the pool (None: POOL_MIX's 0.15)
+    truncated_share: float | None = None  # share of math_truncated rows (None: POOL_MIX's 0.05)
     layer: int = 2
     d_sae: int = 512
     sae_architecture: str = "batchtopk"  # sae-lens saves it as JumpReLU: sliceable by the k-feature encoder
@@ -387,7 +403,9 @@ class WorldSpec:
     ft_lr: float = 1e-3
     ft_batch: int = 32
     ft_max_tokens: int = 128
-    calibrate: bool = True  # measure P1/P2 on the dev set at build time (two in-process fine-tunes)
+    calibrate: bool = True  # measure P1/P2 on the dev set at build time (in-process fine-tunes)
+    # fine-tuning seeds per arm in that check: one fine-tune's accuracy moves ~5 points with rounding alone
+    calib_seeds: int = 3
     # torch threads for the whole build: a fixed count, so reductions do not vary with the machine's cores
     # (one thread also leaves the other core of a 2-core machine to Ray). Same machine: bit-identical
     # rebuilds (measured); across CPU models kernels may still differ, so results stand as spreads over seeds.
@@ -398,7 +416,7 @@ class WorldSpec:
         # A contract check (every stage, every file), not a test of selection: it fails P1/P2 (BENCHMARKS.md),
         # and 3 fine-tuning epochs keep `ray job submit` of it within CI's time.
         return cls(seed=seed, pool_rows=800, pool_files=2, n_recall=100, n_dev=200, n_test=150,
-                   pretrain_steps=500, sae_tokens=200_000, ft_epochs=3)
+                   pretrain_steps=500, sae_tokens=200_000, ft_epochs=3, calib_seeds=1)
 
     def key(self) -> str:
         import hashlib
@@ -503,7 +521,8 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
             (tmp / "tasks" / task).mkdir(parents=True)
             for split, rows in zip(("recall", "dev", "test"), sets):
                 pd.DataFrame(rows).to_parquet(tmp / "tasks" / task / f"{split}.parquet", index=False)
-        rows = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held, spec.wrong_answers)
+        rows = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held, spec.wrong_answers, spec.wrong_share,
+                         spec.truncated_share)
         from igds_ray.demo.tiny import write_pool
 
         write_pool(tmp / "pool", [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "kind": r["kind"],
@@ -538,12 +557,14 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
             from igds_ray.demo.calibrate import measure
 
             stats["calibration"] = measure(model_dir, rows, m_dev, stats["base_dev_accuracy"], spec.ft_epochs,
-                                           spec.ft_lr, spec.ft_batch, spec.ft_max_tokens, spec.seed, progress)
+                                           spec.ft_lr, spec.ft_batch, spec.ft_max_tokens,
+                                           range(spec.calib_seeds), progress, threads=spec.threads)
             c = stats["calibration"]
             if progress:
                 print(f"[world] P1 (full - base >= {c['p1_min']:.0%} on dev): {c['p1_full_minus_base']:+.1%} "
                       f"{'holds' if c['p1'] else 'FAILS'}; P2 (oracle - full >= {c['p2_min']:.0%}): "
-                      f"{c['p2_oracle_minus_full']:+.1%} {'holds' if c['p2'] else 'FAILS'}", flush=True)
+                      f"{c['p2_oracle_minus_full']:+.1%} {'holds' if c['p2'] else 'FAILS'} "
+                      f"(means over {len(c['seeds'])} fine-tuning seeds)", flush=True)
         stats["build_s"] = round(time.perf_counter() - t0, 1)
         (tmp / WORLD_JSON).write_text(json.dumps({"key": spec.key(), "spec": asdict(spec), "stats": stats},
                                                  indent=2, default=str))

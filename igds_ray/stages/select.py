@@ -6,7 +6,9 @@ id and source position (`src_file`, `src_row`), so that even rows sharing an id 
 way on every run. Rows with an `error` have no score and are never selected. The pool is never
 collected on the driver: Ray Data sorts the (id, score, tie key, src) columns in a distributed sort,
 the chosen rows are fetched back from the pool file by file, and the facts about zeros and ties are
-counted per block by tasks (the driver adds up one small tuple per block).
+counted per block by tasks (the driver adds up one small tuple per block). A small scores directory
+(`local_max_rows`, 200k rows by default) is ranked in this process instead, with the same order and
+the same output: a Ray Data job costs 10-25 s of start-up, which dominates a small selection.
 
 Output `<out>/<arm>.parquet/` (a Parquet dataset directory with `_SUCCESS`): `id`, `score`,
 `rank` (0 = best), `src_file`, `src_row`, and, with `write_rows`, the pool's text columns. The
@@ -153,7 +155,72 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         staging = out.begin(cfg.overwrite)
         if staging is None:
             return out.manifest()
+        rows = smanifest.get("rows")
+        if isinstance(rows, int) and rows <= cfg.local_max_rows:
+            return _select_local(cfg, scores, smanifest, out, staging, held)
         return _select(cfg, scores, smanifest, out, staging, held)
+
+
+SORT_KEYS = [(S.SCORE, "descending"), (TIE, "ascending"), (S.ID, "ascending"), (S.SRC_FILE, "ascending"),
+             (S.SRC_ROW, "ascending")]
+
+
+def _manifest(cfg: SelectConfig, smanifest: dict[str, Any], n_scored: int, n_keep: int, n_zero: int,
+              cutoff: dict | None, tie_block: dict | None, t0: float, ranked_in: str) -> dict[str, Any]:
+    return {
+        "stage": "select",
+        "config": to_dict(cfg),
+        "scores": cfg.scores,
+        "rows_scored": n_scored,
+        "rows_in_scores": smanifest.get("rows"),
+        "rows": n_keep,
+        "zero_rows": n_zero,
+        "zero_share": n_zero / n_scored if n_scored else None,
+        "cutoff": cutoff,
+        "tie_block": tie_block,
+        "ranked_in": ranked_in,
+        "wall_s": round(time.time() - t0, 3),
+    }
+
+
+def _select_local(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out: StageDir, staging: str,
+                  held: Any) -> dict[str, Any]:
+    """`_select` in this process: the same order (SORT_KEYS), counts and output, for a small scores directory."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    t0 = time.time()
+    files = [f.split("://", 1)[-1] if "://" in f else f for f in scores.files()]
+    table = pads.dataset(files, format="parquet", filesystem=scores.fs).to_table(
+        columns=[S.ID, cfg.score_column, S.SRC_FILE, S.SRC_ROW])
+    scored = _scored_only(table, cfg.score_column, cfg.max_score, cfg.tie_seed)
+    n_scored = scored.num_rows
+    n_keep = keep_count(n_scored, cfg.fraction, cfg.n)
+    col = scored.column(S.SCORE)
+    n_zero = int(pc.sum(pc.equal(col, 0.0)).as_py() or 0)
+    cutoff = tie_block = None
+    top = scored.take(pc.sort_indices(scored, sort_keys=SORT_KEYS)[:n_keep]).drop_columns([TIE])
+    top = top.append_column(S.RANK, pa.array(np.arange(n_keep, dtype=np.int64)))
+    if n_keep:
+        last = top.slice(n_keep - 1, 1).to_pylist()[0]
+        cutoff = {"score": last[S.SCORE], "id": last[S.ID], "rank": last[S.RANK]}
+        v = float(last[S.SCORE])
+        tie_block = {"rows": int(pc.sum(pc.equal(col, v)).as_py() or 0),
+                     "kept": int(pc.sum(pc.equal(top.column(S.SCORE), v)).as_py() or 0)}
+    if cfg.write_rows and n_keep:
+        pool_cfg = smanifest["pool"]
+        fs = filesystem(pool_cfg["uri"])[0]
+        parts = []
+        for rel in pc.unique(top.column(S.SRC_FILE)).to_pylist():
+            group = top.filter(pc.equal(top.column(S.SRC_FILE), rel))
+            parts.append(_fetch_rows(group, pool_cfg["uri"], pool_cfg["text_columns"], fs))
+        top = pa.concat_tables(parts)
+        top = top.take(pc.sort_indices(top, sort_keys=[(S.RANK, "ascending")]))
+    where = path_in(staging)
+    out.fs.create_dir(where, recursive=True)
+    pq.write_table(top, f"{where}/part-00000.parquet", filesystem=out.fs)
+    held.check()
+    return out.commit(staging, _manifest(cfg, smanifest, n_scored, n_keep, n_zero, cutoff, tie_block, t0, "local"))
 
 
 def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out: StageDir, staging: str,
@@ -181,7 +248,7 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
     cutoff = tie_block = None
     ranked = scored.limit(0).drop_columns([TIE])
     if n_keep:
-        top = scored.sort([S.SCORE, TIE, S.ID, S.SRC_FILE, S.SRC_ROW], descending=[True, False, False, False, False]
+        top = scored.sort([k for k, _ in SORT_KEYS], descending=[d == "descending" for _, d in SORT_KEYS]
                           ).limit(n_keep).materialize()
         refs = top.to_arrow_refs()
         sizes = ray.get([_num_rows.remote(r) for r in refs])
@@ -206,18 +273,5 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
             batch_format="pyarrow",
         )
     ranked.write_parquet(staging, filesystem=out.fs if "://" in out.uri else None)
-    manifest = {
-        "stage": "select",
-        "config": to_dict(cfg),
-        "scores": cfg.scores,
-        "rows_scored": n_scored,
-        "rows_in_scores": smanifest.get("rows"),
-        "rows": n_keep,
-        "zero_rows": n_zero,
-        "zero_share": n_zero / n_scored if n_scored else None,
-        "cutoff": cutoff,
-        "tie_block": tie_block,
-        "wall_s": round(time.time() - t0, 3),
-    }
     held.check()
-    return out.commit(staging, manifest)
+    return out.commit(staging, _manifest(cfg, smanifest, n_scored, n_keep, n_zero, cutoff, tie_block, t0, "ray"))
