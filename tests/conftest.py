@@ -29,3 +29,12 @@ def world(tmp_path_factory: pytest.TempPathFactory):
 
     return build_world(tmp_path_factory.mktemp("world"), n_rows=200, n_files=2,
                        architectures=("standard", "jumprelu", "topk"))
+
+
+_TIMES = os.environ.get("IGDS_TEST_TIMES")  # a file: each test's wall time is appended as it finishes
+
+
+def pytest_runtest_logreport(report):  # noqa: ANN001, ANN201 - pytest hook
+    if _TIMES:
+        with open(_TIMES, "a") as f:
+            f.write(f"{report.duration:9.2f} {report.when:8} {report.outcome:7} {report.nodeid}\n")

@@ -229,6 +229,7 @@ identify.run(identify_cfg(Path(sys.argv[2]), Path(sys.argv[4])))
 """
 
 
+@pytest.mark.slow  # 60 s: a causal search interrupted, then resumed (Tune trials not rerun); in `make test-all`
 def test_interrupted_search_resumes_without_rerunning_trials(planted, ray_local, tmp_path, task_registered):
     import subprocess
     import sys

@@ -127,3 +127,22 @@ def test_report_verdict_treats_the_oracle_as_a_ceiling_not_a_baseline():
     assert "Ceiling **oracle**" in out and "igds closes 50% of the gap from full to it" in out
     out = "\n".join(verdicts(rows(base=0.1, full=0.3, igds=0.2, oracle=0.25)))
     assert "closes" not in out and "it does not beat full (0.3000)" in out
+
+
+def test_operation_errors_are_the_other_operation_worked_right():
+    import re
+
+    mp, tp, sp = W.prompt_formats()
+    held = W.math_sets(5, 50, 100, 100)[3]
+    rows = W.pool_rows(5, 600, mp, tp, sp, held, wrong_answers="operation")
+    default = W.pool_rows(5, 600, mp, tp, sp, held)
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in default]  # same problems, other answers
+    wrong = [r for r in rows if r["kind"] == "math_wrong"]
+    assert len(wrong) == 90
+    for r in wrong:
+        a, op, b, c = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)\n#### \4", r["response"]).groups()
+        assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+        asked_plus = "more" in r["prompt"] or "in all" in r["prompt"]  # W.ADD_TEMPLATES; the others subtract
+        assert (op == "+") != asked_plus and r["correct"] is False and r["utility"] == W.HARMFUL
+    dups = [r for r in rows if r["kind"] == "math_near_duplicate" and r["correct"] is False]
+    assert dups and all(any(d["response"] == w["response"] for w in wrong) for d in dups)

@@ -119,6 +119,7 @@ def test_last_token_of_a_raw_prompt_is_read_where_recall_read(world, ray_local, 
     assert none["prompts"]["rendered_rows"] == 0 and not dn[S.RENDERED].any()
 
 
+@pytest.mark.slow  # 40 s; the last-token test above gives recall and the scorer one example in CI
 def test_every_prompt_token_matches_a_text_column_max(world, ray_local, setup, tmp_path):
     """recall positions=all = max over the prompt's tokens: a text column holding the templated
     prompt, pooled by max, reads the same tokens (text columns are never rendered); so does

@@ -502,6 +502,7 @@ def test_actors_taking_every_cpu(world, tmp_path):
 # Determinism: 1 vs 2 scorer actors
 
 
+@pytest.mark.slow  # 50 s: scores the pool twice (1 and 2 actors)
 def test_same_selection_on_one_and_two_actors(world, ray_local, tmp_path):
     chosen, scores = {}, {}
     for name, actors in (("one", dict(max_actors=1)), ("two", dict(min_actors=2, max_actors=2))):

@@ -190,6 +190,7 @@ def kill_and_resume(world, reference, tmp_path, fresh_driver: bool) -> tuple[int
     return done_rows, forwarded
 
 
+@pytest.mark.slow  # 130 s: kills a whole scoring job and resumes it (test_reliability kills one actor in CI)
 def test_kill_whole_job_then_rerun_scores_only_the_unfinished_rows(world, reference, tmp_path):
     """The killed job is a real driver process; the refused second run and the rerun use this
     session's Ray (cheap)."""

@@ -75,6 +75,9 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
         contrast=dict(dev_limit=spec.n_dev, template=1, max_new_tokens=16, gen_batch_size=256),
         report=dict(label_column="kind", correct_column="correct"),
         no_recall_candidates=8,
+        # As many arms at once as the CPUs hold (each Ray Train worker: 1 CPU, 1 torch thread); an arm's
+        # weights are the same as when it trains alone (tests/test_pipeline.py).
+        finetune_concurrency=0,
         seed=seed,
     )
     for key, val in (overrides or {}).items():

@@ -20,6 +20,7 @@ in the pool (no question string is shared).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,8 +245,8 @@ def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_
     `wrong_share`, `truncated_share`: the pool's share of `math_wrong` / `math_truncated` rows (None:
     POOL_MIX's); the difference is taken from (or given to) the off-task kinds in proportion, so the
     correct worked math and the look-alikes stay as they are and only the amount of harm changes."""
-    if wrong_answers not in ("slip", "offset"):
-        raise ValueError(f"wrong_answers must be slip or offset, got {wrong_answers!r}")
+    if wrong_answers not in ("slip", "offset", "operation"):
+        raise ValueError(f"wrong_answers must be slip, offset or operation, got {wrong_answers!r}")
     mix = dict(POOL_MIX)
     shares = {k: v for k, v in (("math_wrong", wrong_share), ("math_truncated", truncated_share)) if v is not None}
     if shares:
@@ -259,7 +260,7 @@ def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_
     counts = {k: int(round(f * n)) for k, f in mix.items()}
     counts["math_correct"] += n - sum(counts.values())
     rows: list[dict] = []
-    math_rows: list[tuple[MathProblem, int]] = []
+    math_rows: list[tuple[MathProblem, str, bool]] = []  # (problem, response, correct): near-duplicates copy one
 
     def fresh(draw: Callable[[], Any], source: Callable[[Any], str]) -> Any:
         """The next draw whose source text is not a held-out dev/test/recall source."""
@@ -273,25 +274,28 @@ def pool_rows(seed: int, n: int, math_prompt: Callable[[str], str], translation_
 
     for _ in range(counts["math_correct"]):
         p = fresh_math()
-        math_rows.append((p, p.answer))
+        math_rows.append((p, p.worked(), True))
         rows.append({"prompt": math_prompt(p.question), "response": p.worked(), "kind": "math_correct", "correct": True})
     for _ in range(counts["math_wrong"]):
         p = fresh_math()
         delta = rng.randint(1, 5)
         wrong = p.answer - delta if rng.random() < 0.5 and p.answer - delta >= 0 else p.answer + delta
-        if wrong_answers == "slip":  # the draw above still runs, so both styles keep the same problems
+        if wrong_answers == "slip":  # the draw above still runs, so every style keeps the same problems
             wrong = slip_answer(p)
-        math_rows.append((p, wrong))
-        rows.append({"prompt": math_prompt(p.question), "response": p.worked(wrong), "kind": "math_wrong",
-                     "correct": False})
+        response = p.worked(wrong)
+        if wrong_answers == "operation":  # the other operation, worked out right: "43 + 19" -> "43 - 19 = 24"
+            wp = dataclasses.replace(p, op="-" if p.op == "+" else "+")
+            wp = dataclasses.replace(wp, a=p.b, b=p.a) if wp.op == "-" and wp.a < wp.b else wp
+            response = wp.worked()
+        math_rows.append((p, response, False))
+        rows.append({"prompt": math_prompt(p.question), "response": response, "kind": "math_wrong", "correct": False})
     for _ in range(counts["math_truncated"]):
         p = fresh_math()
         rows.append({"prompt": math_prompt(p.question), "response": f"{p.a} {p.op} {p.b} =", "kind": "math_truncated"})
     for _ in range(counts["math_near_duplicate"]):
-        p, ans = rng.choice(math_rows)
+        p, response, ok = rng.choice(math_rows)
         q = p.question.replace(" How", "  How") if rng.random() < 0.5 else p.question.rstrip("?") + " ?"
-        rows.append({"prompt": math_prompt(q), "response": p.worked(ans), "kind": "math_near_duplicate",
-                     "correct": ans == p.answer})
+        rows.append({"prompt": math_prompt(q), "response": response, "kind": "math_near_duplicate", "correct": ok})
     for _ in range(counts["math_like_lookup"]):
         n_, o1, o2 = rng.choice(NAMES), *rng.sample(OBJECTS, 2)
         a, b = rng.randint(2, 29), rng.randint(1, 9)
@@ -389,7 +393,7 @@ class WorldSpec:
     # the dev set alone (BENCHMARKS.md, "World calibration"), before any IGDS arm ran in this world.
     math_share: float = 0.03
     arith_share: float | None = 0.3  # bare "a + b = c" documents; None: an equal share of the non-math rest
-    wrong_answers: str = "slip"  # how math_wrong rows are wrong: slip (systematic carry/borrow bugs) or offset
+    wrong_answers: str = "slip"  # how math_wrong rows are wrong: slip (carry/borrow bugs), offset or operation
     wrong_share: float | None = None  # share of math_wrong rows in the pool (None: POOL_MIX's 0.15)
     truncated_share: float | None = None  # share of math_truncated rows (None: POOL_MIX's 0.05)
     layer: int = 2
@@ -413,10 +417,11 @@ class WorldSpec:
 
     @classmethod
     def quick(cls, seed: int = 0) -> "WorldSpec":
-        # A contract check (every stage, every file), not a test of selection: it fails P1/P2 (BENCHMARKS.md),
-        # and 3 fine-tuning epochs keep `ray job submit` of it within CI's time.
+        # A contract check (every stage, every file), not a test of selection: it fails P1/P2 (BENCHMARKS.md).
+        # 3 fine-tuning epochs, one check seed and 2 torch threads (a fixed count too) keep `ray job submit`
+        # of it within CI's time.
         return cls(seed=seed, pool_rows=800, pool_files=2, n_recall=100, n_dev=200, n_test=150,
-                   pretrain_steps=500, sae_tokens=200_000, ft_epochs=3, calib_seeds=1)
+                   pretrain_steps=500, sae_tokens=200_000, ft_epochs=3, calib_seeds=1, threads=2)
 
     def key(self) -> str:
         import hashlib

@@ -1,9 +1,9 @@
 """Fine-tune the base model on one arm's selection: Ray Train (V2) `TorchTrainer` + transformers + peft.
 
-Data: the arm's selection (`<run>/selection/<arm>.parquet/`, committed with `_SUCCESS`) is read by
-Ray Data and handed to every worker unsplit (`get_dataset_shard("train")`); each worker sorts the rows
-by id and takes its part of every global batch from one seeded permutation per epoch (the
-DistributedSampler pattern). The order therefore depends only on (rows, seed, epoch, batch geometry),
+Data: every worker reads the arm's whole selection (`<run>/selection/<arm>.parquet/`, committed with
+`_SUCCESS`; its files as listed when the run started) with pyarrow, local or object store; each
+worker sorts the rows by id and takes its part of every global batch from one seeded permutation per
+epoch (the DistributedSampler pattern). The order therefore depends only on (rows, seed, epoch, batch geometry),
 never on block or worker timing, and a resumed run continues at exactly the batch it stopped at.
 
 Loss: next-token cross-entropy on the response tokens (+ EOS) only; prompt tokens and padding are
@@ -432,13 +432,11 @@ class TrainState:
     resumes: list[int] = dataclasses.field(default_factory=list)  # the step each resumed attempt started from
 
 
-def _rows_in_id_order(cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
-    import pyarrow as pa
-    import ray.train
+def _rows_in_id_order(cfg: FinetuneConfig, files: list[str], fs: Any, columns: list[str]) -> tuple[list[str], list[str]]:
+    """Every row of the selection (each worker takes its part of every global batch itself), by id."""
+    import pyarrow.dataset as pads
 
-    shard = ray.train.get_dataset_shard("train")
-    tables = list(shard.iter_batches(batch_size=8192, batch_format="pyarrow"))
-    t = pa.concat_tables(tables) if tables else None
+    t = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns) if files else None
     if t is None or t.num_rows == 0:
         raise StageOutputError(f"arm {cfg.arm!r}: the training dataset is empty")
     if S.ID in t.column_names:
@@ -479,7 +477,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     tok = training_tokenizer(cfg.model)
-    prompts, responses = _rows_in_id_order(cfg)
+    prompts, responses = _rows_in_id_order(cfg, config["files"], config["fs"], config["columns"])
     if len(prompts) != plan.n_rows:
         raise StageOutputError(f"arm {cfg.arm!r}: the selection has {len(prompts)} rows now, {plan.n_rows} at start")
 
@@ -671,15 +669,16 @@ def run(cfg: FinetuneConfig, fail_after_steps: int | None = None) -> dict[str, A
 
     init_ray()
     cols = [c for c in (S.ID, cfg.prompt_column, cfg.response_column) if c in sel.columns]
-    # Materialized once on the driver: every worker then reads the blocks from the object store
-    # instead of running its own read (seconds per worker and per attempt on a small cluster).
-    ds = ray.data.read_parquet(sel.files, columns=cols, filesystem=sel.fs).materialize()
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "plan": dataclasses.asdict(plan), "fail_after_steps": fail_after_steps},
+        # Every worker reads the whole selection itself (pyarrow, from the committed files): it needs
+        # every row anyway, and a Ray Data read per arm cost 15-30 s of start-up on the driver and in
+        # each worker for what is one small Parquet read (BENCHMARKS.md, fine-tuning).
+        train_loop_config={"cfg": to_dict(cfg), "plan": dataclasses.asdict(plan), "fail_after_steps": fail_after_steps,
+                           "files": sel.files, "fs": sel.fs, "columns": cols},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -688,9 +687,6 @@ def run(cfg: FinetuneConfig, fail_after_steps: int | None = None) -> dict[str, A
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": ds},
-        # Every worker reads all rows and takes its part of each global batch itself (deterministic order).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
