@@ -8,8 +8,8 @@ order and learning-rate schedule as `igds_ray.stages.finetune`, but without Ray 
   neutral ones; harmful ones last), a seeded sample inside each label class,
 each once per fine-tuning seed (`WorldSpec.calib_seeds`, in parallel processes of one torch thread
 each), and measures greedy math accuracy on the **dev** set, averaged over the seeds. P1 holds when
-`full` beats the base by at least `P1_MIN`; P2 when `oracle` beats `full` by at least `P2_MIN`. Only these two facts decide the
-world's parameters (see BENCHMARKS.md, "world calibration"); no IGDS result ever does, and the test
+`full` beats the base by at least `P1_MIN`; P2 when `oracle` beats `full` by at least `P2_MIN`.
+Only these two facts decide the world's parameters (see BENCHMARKS.md, "world calibration"); no IGDS result ever does, and the test
 set is never read here. The pipeline's arms (Ray Train, evaluated on the test set) are the real
 measurement; this is a cheap, in-process check that runs on every world build.
 """

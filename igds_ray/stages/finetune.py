@@ -3,8 +3,8 @@
 Data: every worker reads the arm's whole selection (`<run>/selection/<arm>.parquet/`, committed with
 `_SUCCESS`; its files as listed when the run started) with pyarrow, local or object store; each
 worker sorts the rows by id and takes its part of every global batch from one seeded permutation per
-epoch (the DistributedSampler pattern). The order therefore depends only on (rows, seed, epoch, batch geometry),
-never on block or worker timing, and a resumed run continues at exactly the batch it stopped at.
+epoch (the DistributedSampler pattern). The order therefore depends only on (rows, seed, epoch,
+batch geometry), never on block or worker timing, and a resumed run continues at exactly the batch it stopped at.
 
 Loss: next-token cross-entropy on the response tokens (+ EOS) only; prompt tokens and padding are
 labelled -100. The loss of an optimizer step is the sum over its target tokens divided by their
@@ -432,7 +432,8 @@ class TrainState:
     resumes: list[int] = dataclasses.field(default_factory=list)  # the step each resumed attempt started from
 
 
-def _rows_in_id_order(cfg: FinetuneConfig, files: list[str], fs: Any, columns: list[str]) -> tuple[list[str], list[str]]:
+def _rows_in_id_order(cfg: FinetuneConfig, files: list[str], fs: Any, columns: list[str]
+                      ) -> tuple[list[str], list[str]]:
     """Every row of the selection (each worker takes its part of every global batch itself), by id."""
     import pyarrow.dataset as pads
 
