@@ -117,6 +117,24 @@ def torch_equal(x, y) -> bool:
     return bool(torch.equal(x, y))
 
 
+def test_a_failing_arm_beside_another_is_reported_by_name_and_the_other_finishes(ran, tmp_path):
+    """On the concurrent path a broken arm fails with its own error (naming its selection, not Ray's
+    wrapper), its ledger record says so, and the arm beside it still trains and commits."""
+    import dataclasses
+
+    cfg, _ = ran
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"))
+    pipe = pipeline.Pipeline(cfg)
+    missing = str(tmp_path / "no_such_selection.parquet")
+    models, failed = pipe.finetune({"broken": missing, "random": f"{ran[0].run_dir}/selection/random.parquet"})
+    assert set(models) == {"random"} and set(failed) == {"broken"}
+    assert failed["broken"].startswith("StageOutputError") and missing in failed["broken"], failed
+    assert (tmp_path / "run" / "models" / "random" / "adapter_config.json").is_file()
+    recs = {r.arm: r for r in read_all(cfg.run_dir) if r.stage == "finetune"}
+    assert recs["broken"].status == "failed" and missing in recs["broken"].error
+    assert recs["random"].status == "ok" and recs["random"].rows
+
+
 def test_finetune_concurrency_is_checked(ran):
     import dataclasses
 
