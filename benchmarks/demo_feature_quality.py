@@ -112,12 +112,15 @@ def main() -> None:
         import tempfile
 
         from igds_ray.demo.sae_train import train_sae
-        from igds_ray.demo.world import WorldSpec, prompt_formats, pretraining_documents, math_sets
+        from igds_ray.demo.world import WorldSpec, math_sets, pretraining_documents, pretraining_math_prompt, \
+            prompt_formats
 
         spec = WorldSpec(**info["spec"])
-        mp, tp, sp = prompt_formats()
+        _, tp, sp = prompt_formats()
         held = math_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3]
-        texts = list(itertools.islice(pretraining_documents(spec.seed + 7, mp, tp, sp, held, spec.math_share),
+        # the world's own SAE texts (build_world): its pretraining mixture, seed + 7
+        texts = list(itertools.islice(pretraining_documents(spec.seed + 7, pretraining_math_prompt(spec), tp, sp, held,
+                                                            spec.math_share, spec.arith_share),
                                       spec.sae_tokens // 20))
         for d in [int(x) for x in args.sizes.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:

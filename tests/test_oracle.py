@@ -94,8 +94,10 @@ def test_world_check_fine_tunes_and_reports_p1_p2_from_its_own_figures(world):
     assert [t["rows"] for t in out["oracle_train"]] == [48, 48] and [t["seed"] for t in out["full_train"]] == [0, 1]
     for arm in ("full", "oracle"):  # decided on the mean over the fine-tuning seeds
         assert len(out[f"{arm}_seeds"]) == 2 and out[arm] == round(sum(out[f"{arm}_seeds"]) / 2, 4)
-    assert out["p1"] == (out["full"] - 0.25 >= P1_MIN) and out["p2"] == (out["oracle"] - out["full"] >= P2_MIN)
     assert out["p2_se2"] is not None and out["p2_se2"] >= 0
+    margin = out["p2_oracle_minus_full"]
+    assert margin == round(out["oracle"] - out["full"], 4) and out["p1"] == (out["full"] - 0.25 >= P1_MIN)
+    assert out["p2"] == (margin >= P2_MIN and margin - out["p2_se2"] > 0)
     # Two worker processes of one torch thread each give the same figures as one process in turn.
     par = measure(world.model_dir, pool, m_dev, workers=2, **kw)
     assert {k: par[k] for k in ("full_seeds", "oracle_seeds")} == {k: out[k] for k in ("full_seeds", "oracle_seeds")}

@@ -135,5 +135,8 @@ def measure(model_dir: Path, pool: Sequence[dict], dev: Sequence[dict], base_dev
     out["p2_oracle_minus_full"] = round(out["oracle"] - out["full"], 4)
     out["p2_se2"] = round(2 * statistics.stdev(diffs) / len(diffs) ** 0.5, 4) if len(diffs) > 1 else None
     out["p1"] = bool(out["p1_full_minus_base"] >= P1_MIN)
-    out["p2"] = bool(out["p2_oracle_minus_full"] >= P2_MIN)
+    # P2 also needs its paired lower bound above zero: a mean margin that one seed's luck carries is
+    # not headroom (measured: +10 points from per-seed margins of -22, +34 and +18).
+    lower = out["p2_oracle_minus_full"] - (out["p2_se2"] or 0.0)
+    out["p2"] = bool(out["p2_oracle_minus_full"] >= P2_MIN and lower > 0)
     return out

@@ -1,8 +1,9 @@
 """`igds demo`: the embedded default, the whole IGDS pipeline on a world built from seeds and code.
 
 1. Build the world (`igds_ray.demo.world`): toy math/translation/summarization tasks, a mixed-quality
-   Parquet pool, a tiny Llama pretrained here until it solves some of the math, an SAE trained on its
-   residual stream with sae-lens's own training runner. Cached in `<run-dir>/world/` (same spec = reused).
+   Parquet pool, a tiny Llama pretrained here until it computes bare sums (not yet the word
+   problems), an SAE trained on its residual stream with sae-lens's own training runner. Cached in
+   `<run-dir>/world/` (same spec = reused).
 2. Run `igds run` on it (`igds_ray.pipeline`): recall + causal filtering on Ray Tune, scoring on Ray
    Data, every arm selected, fine-tuned with Ray Train + peft, evaluated, reported — the same code
    and the same run-directory layout as on a cluster with Gemma-2-2B.
@@ -187,8 +188,8 @@ def render_seeds(summary: dict) -> str:
     if cal:
         lines += [f"World check on the dev set (fixed before any IGDS result): base {cal['base']:.3f}, full "
                   f"{cal['full']:.3f}, oracle {cal['oracle']:.3f}; P1 (full - base >= {cal['p1_min']:.2f}) "
-                  f"{'holds' if cal['p1'] else 'fails'}, P2 (oracle - full >= {cal['p2_min']:.2f}) "
-                  f"{'holds' if cal['p2'] else 'fails'}.", ""]
+                  f"{'holds' if cal['p1'] else 'fails'}, P2 (oracle - full >= {cal['p2_min']:.2f}, paired "
+                  f"±2 SE {cal.get('p2_se2') or 0:.3f} clear of 0) {'holds' if cal['p2'] else 'fails'}.", ""]
     lines += ["| arm | mean | std | ±2 SE | min | max | Δ vs full | Δ vs base | per seed |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -383,16 +383,22 @@ class WorldSpec:
     num_layers: int = 4
     num_heads: int = 2
     intermediate_size: int = 256
-    pretrain_steps: int = 800
+    pretrain_steps: int = 1600
     pretrain_batch: int = 48
     pretrain_seq_len: int = 64
     pretrain_lr: float = 3e-3
-    # The base model learns arithmetic facts and barely the task's worked format, so fine-tuning has
-    # something to teach (P1), and the pool's wrong answers are systematic enough to hurt (P2). These
-    # four values (math_share, arith_share, wrong_answers, ft_epochs) were fixed by the P1/P2 check on
-    # the dev set alone (BENCHMARKS.md, "World calibration"), before any IGDS arm ran in this world.
-    math_share: float = 0.03
-    arith_share: float | None = 0.3  # bare "a + b = c" documents; None: an equal share of the non-math rest
+    # The base model computes ("43 + 19 = 62": 99% right on bare sums after pretraining) and has seen
+    # worked word problems only in another prompt template, without learning to solve them (2% in that
+    # template, 0.6% in the pool's). Fine-tuning then teaches the mapping from the pool's word problems
+    # to worked answers, which every fine-tuning seed learned in 310 steps, and the pool's wrong answers
+    # teach wrong arithmetic: full 79% against the oracle half's 97% (dev, 3 seeds). These values
+    # (math_share, pretrain_math_template, arith_share, pretrain_steps, wrong_answers, ft_epochs) were
+    # fixed by the P1/P2 check on the dev set alone (BENCHMARKS.md, "World calibration"), before any
+    # IGDS arm ran in a world built with them.
+    math_share: float = 0.05
+    # The math template of pretraining's worked problems (MATH_TEMPLATES; the pool and evaluation use 1).
+    pretrain_math_template: int = 2
+    arith_share: float | None = 0.6  # bare "a + b = c" documents; None: an equal share of the non-math rest
     wrong_answers: str = "slip"  # how math_wrong rows are wrong: slip (carry/borrow bugs), offset or operation
     wrong_share: float | None = None  # share of math_wrong rows in the pool (None: POOL_MIX's 0.15)
     truncated_share: float | None = None  # share of math_truncated rows (None: POOL_MIX's 0.05)
@@ -455,6 +461,16 @@ def prompt_formats() -> tuple[Callable[[str], str], Callable[[str], str], Callab
     return (lambda q: MATH_TEMPLATES[1].format(source=q),
             lambda s: TRANSLATION_TEMPLATES[1].format(src_lang="English", tgt_lang="French", source=s),
             lambda s: SUMMARIZATION_TEMPLATES[1].format(source=s))
+
+
+def pretraining_math_prompt(spec: WorldSpec) -> Callable[[str], str]:
+    """How pretraining writes a math problem's prompt: `spec.pretrain_math_template` of the math task."""
+    from igds_ray.tasks.math import MATH_TEMPLATES
+
+    if not 0 <= spec.pretrain_math_template < len(MATH_TEMPLATES):
+        raise ValueError(f"pretrain_math_template must be 0..{len(MATH_TEMPLATES) - 1}, "
+                         f"got {spec.pretrain_math_template}")
+    return lambda q: MATH_TEMPLATES[spec.pretrain_math_template].format(source=q)
 
 
 def math_accuracy(model: Any, tok: Any, rows: list[dict], max_new_tokens: int = 16, batch: int = 128) -> float:
@@ -536,7 +552,8 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
         stats["pool_kinds"] = pd.Series([r["kind"] for r in rows]).value_counts().to_dict()
 
         torch.manual_seed(spec.seed)
-        docs = pretraining_documents(spec.seed, mp, tp, sp, held, spec.math_share, spec.arith_share)
+        pre_mp = pretraining_math_prompt(spec)
+        docs = pretraining_documents(spec.seed, pre_mp, tp, sp, held, spec.math_share, spec.arith_share)
         tok = build_tokenizer(list(itertools.islice(docs, 3000)), vocab_size=spec.vocab_size)
         heads = spec.num_heads
         model = build_llama(len(tok), hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=heads,
@@ -552,7 +569,7 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
             print(f"[world] base model: {stats['params']:,} parameters, dev accuracy {stats['base_dev_accuracy']:.1%}",
                   flush=True)
         sae_texts = list(itertools.islice(
-            pretraining_documents(spec.seed + 7, mp, tp, sp, held, spec.math_share, spec.arith_share),
+            pretraining_documents(spec.seed + 7, pre_mp, tp, sp, held, spec.math_share, spec.arith_share),
             spec.sae_tokens // 20))
         stats["sae"] = sae_stats = train_sae(model_dir, sae_texts, spec.layer, tmp / "sae", d_sae=spec.d_sae,
                                  architecture=spec.sae_architecture, k=spec.sae_k,
