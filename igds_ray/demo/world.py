@@ -390,11 +390,12 @@ class WorldSpec:
     # The base model computes ("43 + 19 = 62": 99% right on bare sums after pretraining) and has seen
     # worked word problems only in another prompt template, without learning to solve them (2% in that
     # template, 0.6% in the pool's). Fine-tuning then teaches the mapping from the pool's word problems
-    # to worked answers, which every fine-tuning seed learned in 310 steps, and the pool's wrong answers
-    # teach wrong arithmetic: full 79% against the oracle half's 97% (dev, 3 seeds). These values
-    # (math_share, pretrain_math_template, arith_share, pretrain_steps, wrong_answers, ft_epochs) were
-    # fixed by the P1/P2 check on the dev set alone (BENCHMARKS.md, "World calibration"), before any
-    # IGDS arm ran in a world built with them.
+    # to worked answers (it appears abruptly, after a seed-dependent number of steps), and the pool's
+    # wrong answers teach wrong arithmetic: at 20 epochs full 70% / 74% against the oracle half's 97% /
+    # 98% on world seeds 0 / 1 (dev, 3 fine-tuning seeds each). These values (math_share,
+    # pretrain_math_template, arith_share, pretrain_steps, wrong_answers, ft_epochs) were fixed by the
+    # P1/P2 check on the dev set alone (BENCHMARKS.md, "World calibration"), before any IGDS arm ran
+    # in a world built with them.
     math_share: float = 0.05
     # The math template of pretraining's worked problems (MATH_TEMPLATES; the pool and evaluation use 1).
     pretrain_math_template: int = 2
@@ -409,7 +410,8 @@ class WorldSpec:
     sae_tokens: int = 500_000
     sae_lr: float = 1e-3
     # Fine-tuning, shared by the world's P1/P2 check and the demo pipeline's arms.
-    ft_epochs: int = 10
+    # 20: at 10 the oracle half's 310 steps missed the mapping on one seed of world seed 1 (36%)
+    ft_epochs: int = 20
     ft_lr: float = 1e-3
     ft_batch: int = 32
     ft_max_tokens: int = 128
