@@ -497,6 +497,31 @@ def math_accuracy(model: Any, tok: Any, rows: list[dict], max_new_tokens: int = 
     return correct / max(1, len(rows))
 
 
+def bare_arithmetic_accuracy(model: Any, tok: Any, seed: int, n: int = 500, batch: int = 125) -> dict[str, float]:
+    """Greedy accuracy on bare expressions of the task's sums and differences ("43 + 19 =" -> "62"):
+    whether the base computes, apart from reading word problems. The task has ~2,200 distinct
+    expressions, so this measures the facts the model holds, not arithmetic beyond them."""
+    import torch
+
+    rng = random.Random(seed * 7919 + 5)
+    problems = [math_problem(rng) for _ in range(n)]
+    tok.padding_side = "left"
+    right = carry_right = carries = 0
+    for i in range(0, n, batch):
+        part = problems[i:i + batch]
+        enc = tok([f"{p.a} {p.op} {p.b} =" for p in part], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        for p, o in zip(part, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            words = o.split()
+            ok = bool(words) and words[0] == str(p.answer)
+            carry = (p.a % 10 + p.b % 10 >= 10) if p.op == "+" else (p.a % 10 < p.b % 10)
+            right += ok
+            carries += carry
+            carry_right += ok and carry
+    return {"n": n, "accuracy": round(right / n, 4), "with_carry_or_borrow": round(carry_right / max(1, carries), 4)}
+
+
 def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool = True) -> DemoWorld:
     """Build (or reuse, when `root/world.json` holds the same spec) the demo world under `root`.
 
@@ -567,9 +592,10 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
                                      spec.pretrain_lr, seed=spec.seed, progress=progress)
         model_dir = save(model, tok, tmp / "model")
         stats["base_dev_accuracy"] = round(math_accuracy(model, tok, m_dev), 4)
+        stats["base_bare_arithmetic"] = bare_arithmetic_accuracy(model, tok, spec.seed)
         if progress:
-            print(f"[world] base model: {stats['params']:,} parameters, dev accuracy {stats['base_dev_accuracy']:.1%}",
-                  flush=True)
+            print(f"[world] base model: {stats['params']:,} parameters, dev accuracy {stats['base_dev_accuracy']:.1%}, "
+                  f"bare sums {stats['base_bare_arithmetic']['accuracy']:.1%}", flush=True)
         sae_texts = list(itertools.islice(
             pretraining_documents(spec.seed + 7, pre_mp, tp, sp, held, spec.math_share, spec.arith_share),
             spec.sae_tokens // 20))
