@@ -123,6 +123,8 @@ class Pipeline:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
+        # arms that failed before fine-tuning (the error, as the report shows it); the others go on
+        self.arm_failures: dict[str, str] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -203,13 +205,20 @@ class Pipeline:
                 gpus=cc.gen_actors * cc.gen_num_gpus, used_by=["igds_no_recall"])
         if "igds_response" in igds_arms:
             from igds_ray.stages import contrast
+            from igds_ray.tasks import TaskDataError
 
             ct = c.contrast
-            sets["igds_response"] = list(self.stage(
-                "contrast", "-", lambda: contrast.run(icfg, ct), cpus=ct.num_cpus, gpus=ct.num_gpus,
-                used_by=["igds_response"])["features"])
+            try:
+                sets["igds_response"] = list(self.stage(
+                    "contrast", "-", lambda: contrast.run(icfg, ct), cpus=ct.num_cpus, gpus=ct.num_gpus,
+                    used_by=["igds_response"])["features"])
+            except TaskDataError as e:
+                # The base's dev answers cannot be contrasted (e.g. it gets almost none right): this arm
+                # fails, named in the report with the reason, and the other arms go on.
+                log.error("arm igds_response failed: %s", e)
+                self.arm_failures["igds_response"] = f"{type(e).__name__}: {e}"
         write_json_atomic(join(c.run_dir, "features", "arms.json"), sets)
-        return {a: sets[a] for a in igds_arms}
+        return {a: sets[a] for a in igds_arms if a in sets}
 
     def _no_recall(self) -> list[str]:
         """Causal filtering over random latents (as many as recall's candidates, or no_recall_candidates)."""
@@ -305,7 +314,7 @@ class Pipeline:
         out: dict[str, str] = {}
         by_features: dict[tuple[tuple[str, ...], str], list[str]] = {}
         for arm in c.arms:
-            if arm in IGDS_ARMS:
+            if arm in IGDS_ARMS and arm in features:  # an arm missing here failed before (arm_failures)
                 # igds_response reads its latents over the responses, whatever score.pooling is.
                 pooling = c.contrast.pooling if arm == "igds_response" else c.score.pooling
                 by_features.setdefault((tuple(features[arm]), pooling), []).append(arm)
@@ -440,6 +449,7 @@ class Pipeline:
         features = self.feature_sets()
         selections = self.selections(features)
         models, failed = self.finetune(selections)
+        failed = {**self.arm_failures, **failed}
         e = c.evaluate
         if c.score.pooling in ("prompt_max", "prompt_mean"):
             # Show the features' activation where they were scored, not at a token scoring never read.
@@ -447,7 +457,9 @@ class Pipeline:
         arms = {"base": c.model, **models}
         feats = features.get("igds") or next(iter(features.values()), None)
         if not feats:
-            raise ConfigError("evaluation measures the IGDS features' activation: include an igds arm")
+            why = f" (failed: {', '.join(sorted(self.arm_failures))})" if self.arm_failures else ""
+            raise ConfigError(f"evaluation measures the IGDS features' activation: no IGDS arm has features{why}; "
+                              "include an igds arm")
         ev = evaluate.run(c.run_dir, arms, c.sae, feats, c.task, e, overwrite=c.overwrite)
         done = self._done_records()
         for arm, info in ev["arms"].items():

@@ -135,6 +135,29 @@ def test_a_failing_arm_beside_another_is_reported_by_name_and_the_other_finishes
     assert recs["random"].status == "ok" and recs["random"].rows
 
 
+def test_an_arm_whose_features_cannot_be_found_fails_alone(world, ray_local, tmp_path):
+    """igds_response on a base whose dev answers cannot be contrasted (here: min_each above the dev
+    set's size) is reported as failed with the contrast stage's reason; the arm beside it is
+    selected, fine-tuned and evaluated as usual."""
+    import dataclasses
+
+    cfg = run_cfg(world, tmp_path)
+    cfg = dataclasses.replace(cfg, arms=["igds_no_causal", "igds_response"], finetune_concurrency=1,
+                              contrast=dataclasses.replace(cfg.contrast, min_each=10_000, dev_limit=8,
+                                                           max_new_tokens=4))
+    report_path = pipeline.run(cfg)
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["arms"]["igds_response"]["status"] == "failed"
+    assert "contrast.min_each=10000" in metrics["arms"]["igds_response"]["error"]
+    assert all(metrics["arms"][a]["status"] == "ok" for a in ("base", "igds_no_causal"))
+    assert not (tmp_path / "run" / "selection" / "igds_response.parquet").exists()
+    contrast_rec = [r for r in read_all(cfg.run_dir) if r.stage == "contrast"]
+    assert [r.status for r in contrast_rec] == ["failed"]
+    text = open(report_path).read()
+    assert any(line.startswith("| igds_response (failed) |") for line in text.splitlines())
+    assert "- igds_response: TaskDataError: contrast needs at least contrast.min_each=10000" in text
+
+
 def test_finetune_concurrency_is_checked(ran):
     import dataclasses
 
