@@ -118,10 +118,10 @@ def world(tmp_path_factory):
     unregister_task("says_after")
 
 
-def cfg_for(root, run_dir, **kw) -> tuple[IdentifyConfig, contrast.ContrastConfig]:
+def cfg_for(root, run_dir, task="says_after", **kw) -> tuple[IdentifyConfig, contrast.ContrastConfig]:
     icfg = from_dict(IdentifyConfig, dict(
         model=str(root / "model"), sae=str(root / "sae"), run_dir=str(run_dir),
-        task=dict(name="says_after", source=str(root / "task.parquet"), split=None, dev_split=None)))
+        task=dict(name=task, source=str(root / "task.parquet"), split=None, dev_split=None)))
     return icfg, contrast.ContrastConfig(**{**dict(dev_limit=120, max_new_tokens=6, bootstrap=300), **kw})
 
 
@@ -138,7 +138,7 @@ def test_stage_finds_the_planted_latent_and_writes_its_files(world, ran):
     assert d["auroc_a"] == 1.0 and d["ci_low_b"] > 0.5 and d["rank_a"] == 0
     assert res["n_correct"] >= 10 and res["n_incorrect"] >= 10
     assert res["n_correct"] + res["n_incorrect"] == res["readable_answers"] == 120 - res["unreadable_answers"]
-    assert res["label_rule"].startswith("0/1 metric")
+    assert res["label_rule"].startswith("0/1 metric") and res["positives"] == "answers"
     assert json.loads((run_dir / "features" / "contrast.json").read_text()) == res
     table = pd.read_parquet(run_dir / "features" / "contrast.parquet")
     assert list(table.columns) == list(contrast.CONTRAST_COLUMNS) and len(table) == 64
@@ -188,9 +188,41 @@ def test_same_seed_same_result_and_a_finished_stage_is_skipped(world, ran, tmp_p
 
 
 def test_too_few_labels_is_a_clear_stop(world, ray_local, tmp_path):
-    with pytest.raises(TaskDataError, match=r"contrast.min_each=100 .* are \d+ correct and \d+ incorrect"):
-        contrast.run(*cfg_for(world, tmp_path, min_each=100))
+    with pytest.raises(TaskDataError, match=r"contrast.min_each=100 .* are \d+ correct and \d+ incorrect.*"
+                                            r"contrast.positives: references"):
+        contrast.run(*cfg_for(world, tmp_path, min_each=100, positives="answers"))
+    with pytest.raises(TaskDataError, match=r"positives: references\) needs at least contrast.min_each=100"):
+        contrast.run(*cfg_for(world, tmp_path, min_each=100))  # auto: too few correct -> references -> too few wrong
     assert not (tmp_path / "features" / "contrast.json").exists()
+
+
+def test_a_base_with_too_few_right_answers_is_contrasted_with_the_references(world, ran, tmp_path):
+    """auto, with fewer correct answers than min_each: the dev references (which hold the word the
+    planted latent reads) are the positives and the base's wrong answers the negatives, split by example."""
+    _, first = ran
+    n_c, n_i = first["n_correct"], first["n_incorrect"]
+    assert n_c + 1 <= n_i
+    register_task("says_after_ref", FunctionTask("says_after_ref", None, lambda a, ex: 1.0 if WORD in a else 0.0,
+                                                 reference_fn=lambda ex: f"the {WORD} one"), overwrite=True)
+    try:
+        res = contrast.run(*cfg_for(world, tmp_path, task="says_after_ref", min_each=n_c + 1))
+    finally:
+        unregister_task("says_after_ref")
+    assert res["positives"] == "references" and "auto" in res["positives_rule"]
+    assert (res["n_correct"], res["n_incorrect"]) == (n_c, n_i)  # the same base, the same greedy answers
+    assert res["features"] == [f"l1_p{DETECTOR}"] and res["selected_by"] == "heldout"
+    assert res["details"][0]["auroc_a"] == 1.0
+    answers = pd.read_parquet(tmp_path / "features" / "contrast_answers.parquet")
+    assert res["n_positive"] == answers["reference_used"].sum() == 120
+    assert res["n_negative"] == answers["answer_used"].sum() == n_i
+    assert (answers["answer_used"] == (answers["correct"] == False)).all()  # noqa: E712
+    assert (answers["reference"] == f"the {WORD} one").all()
+    # one half per example: its reference and its wrong answer are read on the same side
+    assert answers["half"].notna().all() and set(answers["half"]) == {"A", "B"}
+    assert sum(res["n_a"].values()) + sum(res["n_b"].values()) == 120 + n_i
+    for h, n in (("A", res["n_a"]), ("B", res["n_b"])):
+        part = answers[answers["half"] == h]
+        assert n == {"correct": len(part), "incorrect": int(part["answer_used"].sum())}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ worked answer from a wrong one. This stage reads answers instead:
 2. Each answer is labelled with the task metric (`task.score`): for a 0/1 metric, correct when the
    score is 1; for a continuous one, correct when it is above the dev set's median (the rule is
    written into contrast.json). Answers with no token to read (empty) are left out and counted.
+   A base that gets almost no dev problem right has nothing to contrast (`positives: auto` with fewer
+   than `min_each` correct answers, or `positives: references`): the dev set's reference answers,
+   read the same way on the same prompts, are then the positives and the base's wrong answers the
+   negatives, and the halves below are split by dev example, so an example's reference and its
+   answer fall on the same side.
 3. The examples are split (seeded, stratified by label) into halves A and B. On A every latent is
    ranked by its AUROC with `correct` as the positive class: a high AUROC fires more on correct
    answers, the direction IGDS selection keeps (top scores). The `candidates` best on A get their
@@ -51,6 +56,10 @@ class ContrastConfig:
         "pooling of each latent over the answer tokens; the igds_response arm scores the pool's responses the "
         "same way, whatever score.pooling is", default="max")
     min_each: int = _help("refuse to run with fewer correct, or fewer incorrect, dev answers than this", default=10)
+    positives: Literal["auto", "answers", "references"] = _help(
+        "the positive class: `answers` (the base's correct dev answers), `references` (the dev set's reference "
+        "answers, against the base's wrong answers: for a base that gets almost none right), or `auto` (answers "
+        "when the base has contrast.min_each correct ones, else references)", default="auto")
     candidates: int = _help("latents best on half A whose held-out AUROC (half B) is measured", default=20)
     bootstrap: int = _help("stratified bootstrap resamples of half B for the AUROC's CI", default=1000)
     ci: float = _help("confidence level of that CI", default=0.95)
@@ -154,8 +163,9 @@ class ContrastWorker:
         self.runner = LayerRunner(self.backend.model, layer, prune=False)
         self.builder = ExampleBuilder(self.backend.tok, self.cfg.pooling, self.cfg.max_tokens)
 
-    def run(self, prompts: list[str], stop: tuple[str, ...]) -> dict[str, Any]:
-        """answers, and for those with tokens to read ([rows]) their pooled latents; errors name the others."""
+    def run(self, prompts: list[str], stop: tuple[str, ...], references: list[str] | None = None) -> dict[str, Any]:
+        """answers, and for those with tokens to read ([rows]) their pooled latents; errors name the others.
+        With `references`, the reference answers are read the same way (ref_rows, ref_errors, ref_acts)."""
         from igds_ray.generation import SamplingConfig
         from igds_ray.tokenize import split_built
 
@@ -168,18 +178,29 @@ class ContrastWorker:
         rows, examples = split_built(list(range(len(prompts))), self.builder.build_pairs(prompts, answers), errors)
         acts = pooled_latents(self.runner, self.backend.sae, examples, self.backend.tok.pad_token_id, c.pooling,
                               c.token_budget, c.encode_chunk)
-        return {"answers": answers, "rows": rows, "errors": errors, "acts": acts,
-                "answer_tokens": [len(e.positions) for e in examples], "load_s": self.load_s,
-                "gen_s": t1 - t0, "encode_s": time.time() - t1}
+        out = {"answers": answers, "rows": rows, "errors": errors, "acts": acts,
+               "answer_tokens": [len(e.positions) for e in examples], "load_s": self.load_s, "gen_s": t1 - t0}
+        if references is not None:
+            ref_errors: list[str | None] = [None] * len(prompts)
+            ref_rows, ref_ex = split_built(list(range(len(prompts))), self.builder.build_pairs(prompts, references),
+                                           ref_errors)
+            out.update(ref_rows=ref_rows, ref_errors=ref_errors,
+                       ref_acts=pooled_latents(self.runner, self.backend.sae, ref_ex, self.backend.tok.pad_token_id,
+                                               c.pooling, c.token_budget, c.encode_chunk))
+        out["encode_s"] = time.time() - t1
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
 # choosing latents (pure)
 
 
-def choose(acts: np.ndarray, correct: np.ndarray, cfg: ContrastConfig, seed: int) -> dict[str, Any]:
-    """Rank on half A, gate on half B; returns the per-latent table columns and the choice."""
-    idx_a, idx_b = split_halves(correct, seed)
+def choose(acts: np.ndarray, correct: np.ndarray, cfg: ContrastConfig, seed: int,
+           halves: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """Rank on half A, gate on half B; returns the per-latent table columns and the choice.
+    `halves`: the (A, B) row indices when the caller splits (e.g. by dev example), else a seeded
+    split stratified by label."""
+    idx_a, idx_b = split_halves(correct, seed) if halves is None else halves
     ya, yb = correct[idx_a], correct[idx_b]
     a = acts[idx_a]
     auc_a = auroc(a, ya)
@@ -252,12 +273,15 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
     dev = load_task_set(task, source, split=cfg.task.dev_split, columns=cfg.task.columns or None,
                         limit=c.dev_limit, seed=cfg.seed + 1)
     prompts = [task.build_prompt(e, template) for e in dev.examples]
+    # The references are read too unless the positives are the base's own answers: whether `auto` needs
+    # them is known only once the answers are scored, and reading them is one short forward pass.
+    references = None if c.positives == "answers" else [task.reference_answer(e) for e in dev.examples]
     init_ray()
     Worker = ray.remote(ContrastWorker)
     actor = Worker.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus or None).remote(
         to_dict(cfg.model), to_dict(cfg.sae), si.layer, to_dict(c))
     try:
-        res = ray.get(actor.run.remote(prompts, tuple(getattr(task, "stop_sequences", ()) or ())))
+        res = ray.get(actor.run.remote(prompts, tuple(getattr(task, "stop_sequences", ()) or ()), references))
     finally:
         ray.kill(actor)
     rows = res["rows"]
@@ -265,14 +289,48 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
     correct, rule = label_answers(scores[rows])
     n_c, n_i = int(correct.sum()), int((~correct).sum())
     unreadable = [e for e in res["errors"] if e is not None]
-    if min(n_c, n_i) < c.min_each:
-        raise TaskDataError(
-            f"contrast needs at least contrast.min_each={c.min_each} correct and {c.min_each} incorrect dev answers; "
-            f"the base model's {len(rows)} readable answers on {source} (split {cfg.task.dev_split}) are {n_c} "
-            f"correct and {n_i} incorrect ({rule}; {len(unreadable)} answers had no token to read). Use a larger "
-            "dev set (contrast.dev_limit) or lower contrast.min_each")
-    pick = choose(res["acts"], correct, c, cfg.seed)
-    d_sae = res["acts"].shape[1]
+    where = (f"the base model's {len(rows)} readable answers on {source} (split {cfg.task.dev_split}) are {n_c} "
+             f"correct and {n_i} incorrect ({rule}; {len(unreadable)} answers had no token to read)")
+    use_refs = c.positives == "references" or (c.positives == "auto" and n_c < c.min_each)
+    if not use_refs:
+        if min(n_c, n_i) < c.min_each:
+            raise TaskDataError(
+                f"contrast needs at least contrast.min_each={c.min_each} correct and {c.min_each} incorrect dev "
+                f"answers; {where}. Use a larger dev set (contrast.dev_limit), lower contrast.min_each, or "
+                "contrast.positives: references")
+        acts, labels, halves = res["acts"], correct, None
+        item_ex = np.asarray(rows, np.int64)
+        positives = "answers"
+        positives_rule = "positives: the base's correct dev answers; negatives: its incorrect ones"
+    else:
+        # Positives: the dev set's reference answers; negatives: the base's wrong answers to the same prompts.
+        wrong = [j for j in range(len(rows)) if not correct[j]]
+        ref_rows = list(res["ref_rows"])
+        if len(wrong) < c.min_each or len(ref_rows) < c.min_each:
+            raise TaskDataError(
+                f"contrast (positives: references) needs at least contrast.min_each={c.min_each} readable reference "
+                f"answers and {c.min_each} incorrect dev answers; {where}, and {len(ref_rows)} references had tokens "
+                "to read. Use a larger dev set (contrast.dev_limit) or lower contrast.min_each")
+        acts = np.concatenate([res["ref_acts"], res["acts"][wrong]])
+        labels = np.r_[np.ones(len(ref_rows), bool), np.zeros(len(wrong), bool)]
+        item_ex = np.r_[np.asarray(ref_rows, np.int64), np.asarray([rows[j] for j in wrong], np.int64)]
+        # Halves by dev example (stratified by whether it has a wrong answer), so an example's reference
+        # and its wrong answer are read on the same half and half B's prompts are all unseen on A.
+        ex_ids = np.unique(item_ex)
+        has_wrong = np.isin(ex_ids, item_ex[len(ref_rows):])
+        a_ex, _ = split_halves(has_wrong, cfg.seed)
+        in_a = np.isin(item_ex, ex_ids[a_ex])
+        halves = (np.flatnonzero(in_a), np.flatnonzero(~in_a))
+        for name, idx in (("A", halves[0]), ("B", halves[1])):
+            if labels[idx].all() or not labels[idx].any():
+                raise TaskDataError(f"contrast (positives: references): half {name} holds one class only; {where}. "
+                                    "Use a larger dev set (contrast.dev_limit)")
+        positives = "references"
+        positives_rule = ("positives: the dev set's reference answers; negatives: the base's incorrect answers"
+                          + (f" (auto: the base has {n_c} correct answers, below contrast.min_each={c.min_each})"
+                             if c.positives == "auto" else ""))
+    pick = choose(acts, labels, c, cfg.seed, halves)
+    d_sae = acts.shape[1]
     chosen_mask = np.isin(np.arange(d_sae), pick["chosen"])
     table = pa.table({
         "feature": [str(FeatureId(si.layer, i)) for i in range(d_sae)],
@@ -285,26 +343,41 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
     }).select(list(CONTRAST_COLUMNS))
     staging = out.begin(overwrite=True)
     pq.write_table(table, f"{staging}/part-0.parquet", filesystem=None if "://" not in out.uri else out.fs)
-    # Every dev answer with its label and half, so a chosen latent can be checked against the texts.
-    half: list[str | None] = [None] * len(prompts)
-    label: list[bool | None] = [None] * len(prompts)
-    n_read: list[int | None] = [None] * len(prompts)
+    # Every dev answer with its metric label, the half its contrast items were read on, and which of its
+    # texts were contrasted, so a chosen latent can be checked against the texts.
+    n = len(prompts)
+    half: list[str | None] = [None] * n
+    label: list[bool | None] = [None] * n
+    n_read: list[int | None] = [None] * n
     for name, idx in (("A", pick["idx_a"]), ("B", pick["idx_b"])):
         for j in idx:
-            half[rows[j]], label[rows[j]] = name, bool(correct[j])
+            half[int(item_ex[j])] = name
     for j, i in enumerate(rows):
-        n_read[i] = res["answer_tokens"][j]
+        n_read[i], label[i] = res["answer_tokens"][j], bool(correct[j])
+    answer_used, reference_used = [False] * n, [False] * n
+    if use_refs:
+        for i in res["ref_rows"]:
+            reference_used[i] = True
+        for j in wrong:
+            answer_used[rows[j]] = True
+    else:
+        for i in rows:
+            answer_used[i] = True
     fs, path = filesystem(join(cfg.run_dir, "features", "contrast_answers.parquet"))
     pq.write_table(pa.table({
         "id": [e.id for e in dev.examples], "prompt": prompts, "answer": res["answers"],
         "score": pa.array(scores, pa.float64()), "correct": pa.array(label, pa.bool_()),
         "half": pa.array(half, pa.string()), "answer_tokens": pa.array(n_read, pa.int64()),
         "error": pa.array(res["errors"], pa.string()),
+        "answer_used": pa.array(answer_used), "reference": references or [None] * n,
+        "reference_used": pa.array(reference_used),
     }), path, filesystem=fs)
     summary = {
         "dev_examples": len(prompts), "readable_answers": len(rows), "unreadable_answers": len(unreadable),
         "unreadable_reasons": sorted(set(unreadable))[:5], "n_correct": n_c, "n_incorrect": n_i,
         "n_a": pick["n_a"], "n_b": pick["n_b"], "label_rule": rule, "base_metric": float(scores.mean()),
+        "positives": positives, "positives_rule": positives_rule, "n_positive": int(labels.sum()),
+        "n_negative": int((~labels).sum()),
         "mean_answer_tokens": float(np.mean(res["answer_tokens"])) if rows else None,
         "pooling": c.pooling, "template": template, "candidates": c.candidates, "bootstrap": c.bootstrap, "ci": c.ci,
         "seed": cfg.seed, "model_load_s": round(res["load_s"], 3), "gen_s": round(res["gen_s"], 3),
@@ -319,8 +392,8 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
     result = {"layer": si.layer, "features": [d["feature"] for d in details], "selected_by": pick["selected_by"],
               "reason": pick["reason"], "details": details, **summary}
     write_json_atomic(out_json, result)
-    log.info("contrast: %s (%s) from %d correct / %d incorrect answers", result["features"], result["selected_by"],
-             n_c, n_i)
+    log.info("contrast: %s (%s) from %d positive / %d negative texts (%s)", result["features"],
+             result["selected_by"], int(labels.sum()), int((~labels).sum()), positives_rule)
     return result
 
 
