@@ -155,7 +155,8 @@ def test_an_arm_whose_features_cannot_be_found_fails_alone(world, ray_local, tmp
     assert [r.status for r in contrast_rec] == ["failed"]
     text = open(report_path).read()
     assert any(line.startswith("| igds_response (failed) |") for line in text.splitlines())
-    assert "- igds_response: TaskDataError: contrast needs at least contrast.min_each=10000" in text
+    assert ("- igds_response: TaskDataError: contrast (positives: references) needs at least "
+            "contrast.min_each=10000") in text
 
 
 def test_finetune_concurrency_is_checked(ran):
