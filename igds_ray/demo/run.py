@@ -58,8 +58,14 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
         # "an answer starts here" for every task alike (measured: see BENCHMARKS.md, demo).
         recall=dict(limit=spec.n_recall, templates=[0, 1, 2], positions="all", min_frequency=0.6, top_n=8,
                     batch_size=256),
+        # Ranked by the references' log-likelihood (generation must still not lose on the held-out part):
+        # the base solves 0.6% of dev problems, so no accuracy delta can clear Holm's correction (three
+        # seeds of the default world fell back to the top recalled latent). Chosen on the dev set with
+        # the rule written down before the probe ran (BENCHMARKS.md, "Ranking the causal trials by
+        # log-likelihood"): dev accuracy 0.634/0.614 against 0.466/0.472 for the fallback latent.
         causal=dict(factors=[0.0, 4.0] if quick else [0.0, 2.0, 4.0, 8.0], k=1, dev_limit=spec.n_dev, min_dev=50,
-                    template=1, max_new_tokens=16, gen_batch_size=256, loglik=True, fallback="top_recall"),
+                    template=1, max_new_tokens=16, gen_batch_size=256, loglik=True, rank_by="loglik",
+                    fallback="top_recall"),
         # Max over every prompt token: exactly the positions recall read (positions=all). The earlier demo
         # pooled over the response tokens, where recall never looked (issue 10, part 3).
         score=dict(pooling="prompt_max", max_tokens=128, batch_size=max(100, spec.pool_rows // 8), max_actors=1),

@@ -361,7 +361,8 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
             raise NoHelpfulFeature(
                 f"no candidate latent passed the causal test: {reason}; base {bases['search']['metric']:.4f} on "
                 f"{len(search_idx)} search examples, {len(ok)} trials ran, {len(trials) - len(ok)} failed. Try "
-                "more factors, causal.mode: clamp, a larger dev set, or causal.fallback: top_recall"
+                "more factors, causal.mode: clamp, causal.rank_by: loglik (a continuous measure, for a base that gets "
+                "few dev examples right), a larger dev set, or causal.fallback: top_recall"
             )
         log.warning("causal filter kept no latent (%s): falling back to the top recalled latent(s)", reason)
         selected_by = "fallback"
