@@ -61,8 +61,8 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
         # Ranked by the references' log-likelihood (generation must still not lose on the held-out part):
         # the base solves 0.6% of dev problems, so no accuracy delta can clear Holm's correction (three
         # seeds of the default world fell back to the top recalled latent). Chosen on the dev set with
-        # the rule written down before the probe ran (BENCHMARKS.md, "Ranking the causal trials by
-        # log-likelihood"): dev accuracy 0.634/0.614 against 0.466/0.472 for the fallback latent.
+        # the rule written down before the probe ran (BENCHMARKS.md, "The two levers, on the dev set"):
+        # dev accuracy 0.634/0.614 against 0.466/0.472 for the fallback latent (benchmarks/dev_arms.py).
         causal=dict(factors=[0.0, 4.0] if quick else [0.0, 2.0, 4.0, 8.0], k=1, dev_limit=spec.n_dev, min_dev=50,
                     template=1, max_new_tokens=16, gen_batch_size=256, loglik=True, rank_by="loglik",
                     fallback="top_recall"),
