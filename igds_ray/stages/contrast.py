@@ -163,32 +163,32 @@ class ContrastWorker:
         self.runner = LayerRunner(self.backend.model, layer, prune=False)
         self.builder = ExampleBuilder(self.backend.tok, self.cfg.pooling, self.cfg.max_tokens)
 
-    def run(self, prompts: list[str], stop: tuple[str, ...], references: list[str] | None = None) -> dict[str, Any]:
-        """answers, and for those with tokens to read ([rows]) their pooled latents; errors name the others.
-        With `references`, the reference answers are read the same way (ref_rows, ref_errors, ref_acts)."""
-        from igds_ray.generation import SamplingConfig
+    def read(self, prompts: list[str], texts: list[str]) -> dict[str, Any]:
+        """Every latent pooled over each text's tokens after its prompt, for the pairs with tokens to read
+        ([rows]); errors name the others."""
         from igds_ray.tokenize import split_built
+
+        c = self.cfg
+        t0 = time.time()
+        errors: list[str | None] = [None] * len(prompts)
+        rows, examples = split_built(list(range(len(prompts))), self.builder.build_pairs(prompts, texts), errors)
+        acts = pooled_latents(self.runner, self.backend.sae, examples, self.backend.tok.pad_token_id, c.pooling,
+                              c.token_budget, c.encode_chunk)
+        return {"rows": rows, "errors": errors, "acts": acts, "tokens": [len(e.positions) for e in examples],
+                "encode_s": time.time() - t0}
+
+    def run(self, prompts: list[str], stop: tuple[str, ...]) -> dict[str, Any]:
+        """answers, and for those with tokens to read ([rows]) their pooled latents; errors name the others."""
+        from igds_ray.generation import SamplingConfig
 
         c = self.cfg
         t0 = time.time()
         answers = self.backend.generate(prompts, SamplingConfig(max_new_tokens=c.max_new_tokens,
                                                                 repetition_penalty=c.repetition_penalty, stop=stop))
-        t1 = time.time()
-        errors: list[str | None] = [None] * len(prompts)
-        rows, examples = split_built(list(range(len(prompts))), self.builder.build_pairs(prompts, answers), errors)
-        acts = pooled_latents(self.runner, self.backend.sae, examples, self.backend.tok.pad_token_id, c.pooling,
-                              c.token_budget, c.encode_chunk)
-        out = {"answers": answers, "rows": rows, "errors": errors, "acts": acts,
-               "answer_tokens": [len(e.positions) for e in examples], "load_s": self.load_s, "gen_s": t1 - t0}
-        if references is not None:
-            ref_errors: list[str | None] = [None] * len(prompts)
-            ref_rows, ref_ex = split_built(list(range(len(prompts))), self.builder.build_pairs(prompts, references),
-                                           ref_errors)
-            out.update(ref_rows=ref_rows, ref_errors=ref_errors,
-                       ref_acts=pooled_latents(self.runner, self.backend.sae, ref_ex, self.backend.tok.pad_token_id,
-                                               c.pooling, c.token_budget, c.encode_chunk))
-        out["encode_s"] = time.time() - t1
-        return out
+        gen_s = time.time() - t0
+        read = self.read(prompts, answers)
+        return {"answers": answers, "rows": read["rows"], "errors": read["errors"], "acts": read["acts"],
+                "answer_tokens": read["tokens"], "load_s": self.load_s, "gen_s": gen_s, "encode_s": read["encode_s"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,25 +273,25 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
     dev = load_task_set(task, source, split=cfg.task.dev_split, columns=cfg.task.columns or None,
                         limit=c.dev_limit, seed=cfg.seed + 1)
     prompts = [task.build_prompt(e, template) for e in dev.examples]
-    # The references are read too unless the positives are the base's own answers: whether `auto` needs
-    # them is known only once the answers are scored, and reading them is one short forward pass.
-    references = None if c.positives == "answers" else [task.reference_answer(e) for e in dev.examples]
     init_ray()
     Worker = ray.remote(ContrastWorker)
     actor = Worker.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus or None).remote(
         to_dict(cfg.model), to_dict(cfg.sae), si.layer, to_dict(c))
     try:
-        res = ray.get(actor.run.remote(prompts, tuple(getattr(task, "stop_sequences", ()) or ()), references))
+        res = ray.get(actor.run.remote(prompts, tuple(getattr(task, "stop_sequences", ()) or ())))
+        rows = res["rows"]
+        scores = np.array([task.score(res["answers"][i], dev.examples[i]) for i in range(len(prompts))], np.float64)
+        correct, rule = label_answers(scores[rows])
+        n_c, n_i = int(correct.sum()), int((~correct).sum())
+        use_refs = c.positives == "references" or (c.positives == "auto" and n_c < c.min_each)
+        # The references, read on the same model copy, only when they are the positives.
+        references = [task.reference_answer(e) for e in dev.examples] if use_refs else None
+        ref = ray.get(actor.read.remote(prompts, references)) if use_refs else None
     finally:
         ray.kill(actor)
-    rows = res["rows"]
-    scores = np.array([task.score(res["answers"][i], dev.examples[i]) for i in range(len(prompts))], np.float64)
-    correct, rule = label_answers(scores[rows])
-    n_c, n_i = int(correct.sum()), int((~correct).sum())
     unreadable = [e for e in res["errors"] if e is not None]
     where = (f"the base model's {len(rows)} readable answers on {source} (split {cfg.task.dev_split}) are {n_c} "
              f"correct and {n_i} incorrect ({rule}; {len(unreadable)} answers had no token to read)")
-    use_refs = c.positives == "references" or (c.positives == "auto" and n_c < c.min_each)
     if not use_refs:
         if min(n_c, n_i) < c.min_each:
             raise TaskDataError(
@@ -305,13 +305,13 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
     else:
         # Positives: the dev set's reference answers; negatives: the base's wrong answers to the same prompts.
         wrong = [j for j in range(len(rows)) if not correct[j]]
-        ref_rows = list(res["ref_rows"])
+        ref_rows = list(ref["rows"])
         if len(wrong) < c.min_each or len(ref_rows) < c.min_each:
             raise TaskDataError(
                 f"contrast (positives: references) needs at least contrast.min_each={c.min_each} readable reference "
                 f"answers and {c.min_each} incorrect dev answers; {where}, and {len(ref_rows)} references had tokens "
                 "to read. Use a larger dev set (contrast.dev_limit) or lower contrast.min_each")
-        acts = np.concatenate([res["ref_acts"], res["acts"][wrong]])
+        acts = np.concatenate([ref["acts"], res["acts"][wrong]])
         labels = np.r_[np.ones(len(ref_rows), bool), np.zeros(len(wrong), bool)]
         item_ex = np.r_[np.asarray(ref_rows, np.int64), np.asarray([rows[j] for j in wrong], np.int64)]
         # Halves by dev example (stratified by whether it has a wrong answer), so an example's reference
@@ -356,7 +356,7 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
         n_read[i], label[i] = res["answer_tokens"][j], bool(correct[j])
     answer_used, reference_used = [False] * n, [False] * n
     if use_refs:
-        for i in res["ref_rows"]:
+        for i in ref_rows:
             reference_used[i] = True
         for j in wrong:
             answer_used[rows[j]] = True
@@ -381,7 +381,8 @@ def run(cfg: IdentifyConfig, contrast: ContrastConfig) -> dict[str, Any]:
         "mean_answer_tokens": float(np.mean(res["answer_tokens"])) if rows else None,
         "pooling": c.pooling, "template": template, "candidates": c.candidates, "bootstrap": c.bootstrap, "ci": c.ci,
         "seed": cfg.seed, "model_load_s": round(res["load_s"], 3), "gen_s": round(res["gen_s"], 3),
-        "encode_s": round(res["encode_s"], 3), "wall_s": round(time.time() - t_start, 3),
+        "encode_s": round(res["encode_s"] + (ref["encode_s"] if ref else 0.0), 3),
+        "wall_s": round(time.time() - t_start, 3),
     }
     out.commit(staging, {"stage": "contrast", "config": {**to_dict(cfg), "contrast": to_dict(c)}, **summary})
     details = [{"feature": str(FeatureId(si.layer, i)), "index": i, "rank_a": int(pick["rank_a"][i]),
