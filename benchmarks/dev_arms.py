@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def parse_set(items: list[str]) -> dict:
@@ -56,11 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.update(source=str(world.task_file("math", "dev")), split=None, limit=None)
     print(f"[dev_arms] evaluation on the DEV set: {ev['source']}; overrides {json.dumps(overrides)}", flush=True)
     run_demo(a.out, seeds=a.seeds, world_dir=a.world, world_seed=a.world_seed,
-             arms=tuple(x for x in a.arms.split(",") if x), overrides=overrides)
-    seeds_md = Path(a.out) / "seeds.md"
-    if seeds_md.exists():  # its table is dev accuracy here, whatever run_demo's heading says
-        seeds_md.write_text(seeds_md.read_text().replace("math test accuracy", "math DEV accuracy, "
-                                                         "benchmarks/dev_arms.py", 1))
+             arms=tuple(x for x in a.arms.split(",") if x), overrides=overrides, eval_set="DEV")
 
 
 if __name__ == "__main__":

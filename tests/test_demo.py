@@ -97,6 +97,9 @@ def test_seeds_table_statistics():
     assert table["full"]["se2"] == pytest.approx(2 * 0.1 / 3 ** 0.5)
     runs[0]["metrics"]["oracle"] = 0.9
     assert "oracle (ceiling: reads the pool's labels)" in render_seeds({"table": seeds_table(runs), "runs": runs})
+    assert text.startswith("# Demo over 3 seeds (math test accuracy;")
+    dev = render_seeds({"table": seeds_table(runs), "runs": runs, "eval_set": "DEV"})  # benchmarks/dev_arms.py
+    assert dev.startswith("# Demo over 3 seeds (math DEV accuracy;")
 
 
 def test_demo_config_is_a_valid_run_config(tmp_path):

@@ -97,8 +97,9 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
 
 def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str | None = None,
              arms: tuple[str, ...] | None = None, progress: bool = True, overrides: dict | None = None,
-             world_seed: int = 0) -> dict:
-    """Build (or reuse) the world and run the pipeline `seeds` times; returns a summary dict."""
+             world_seed: int = 0, eval_set: str = "test") -> dict:
+    """Build (or reuse) the world and run the pipeline `seeds` times; returns a summary dict.
+    `eval_set` names the problems `overrides` point evaluation at, for the seeds table's heading."""
     from igds_ray.demo.world import WorldSpec, build_world
     from igds_ray.pipeline import run as run_pipeline
     from igds_ray.stages.score import init_ray
@@ -133,7 +134,7 @@ def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str |
                      "features": metrics.get("features")})
         say(f"[demo] seed {s} done in {runs[-1]['wall_s']:.0f}s: "
             + ", ".join(f"{a} {m:.3f}" for a, m in runs[-1]["metrics"].items() if m is not None), flush=True)
-    summary = {"world": str(wdir), "world_seed": world_seed, "world_stats": st, "runs": runs,
+    summary = {"world": str(wdir), "world_seed": world_seed, "eval_set": eval_set, "world_stats": st, "runs": runs,
                "wall_s": round(time.perf_counter() - t0, 1)}
     if seeds > 1:
         summary["table"] = seeds_table(runs)
@@ -190,7 +191,8 @@ def render_seeds(summary: dict) -> str:
     n = max(r["n"] for r in rows)
     ws = summary.get("world_stats", {})
     cal = ws.get("calibration") or {}
-    lines = [f"# Demo over {n} seeds (math test accuracy; world seed {summary.get('world_seed', 0)})", ""]
+    lines = [f"# Demo over {n} seeds (math {summary.get('eval_set', 'test')} accuracy; world seed "
+             f"{summary.get('world_seed', 0)})", ""]
     if cal:
         lines += [f"World check on the dev set (fixed before any IGDS result): base {cal['base']:.3f}, full "
                   f"{cal['full']:.3f}, oracle {cal['oracle']:.3f}; P1 (full - base >= {cal['p1_min']:.2f}) "
