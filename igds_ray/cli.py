@@ -154,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", dest="run_dir")
     r.add_argument("--overwrite", action="store_const", const=True)
 
+    pl = sub.add_parser("plan", help="before any compute: GPU memory per stage, fits or not, time and cost on a GPU "
+                                     "type (exit 1 when a stage cannot fit)")
+    pl.add_argument("--config", required=True, help="the run's YAML (as for igds run)")
+    pl.add_argument("--gpu-type", dest="gpu_type", default=None, help="A10G-24GB, L4-24GB, A100-40GB, A100-80GB, "
+                    "H100-80GB or H200-141GB (default: the config's gpu_type, else the --cluster's GPU)")
+    pl.add_argument("--pool-rows", dest="pool_rows", type=int, default=None, help="pool rows (default: Parquet metadata)")
+    pl.add_argument("--tokens-per-row", dest="tokens_per_row", type=float, default=None,
+                    help="mean tokens per pool row (default: a sample's characters / 4)")
+    pl.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=256,
+                    help="tokens per task prompt (recall, causal trials, evaluation)")
+    pl.add_argument("--eval-examples", dest="eval_examples", type=int, default=1000,
+                    help="test examples when evaluate.limit is null")
+    pl.add_argument("--cluster", default=None, help="a Ray cluster-launcher YAML: its GPU workers cap the GPUs "
+                    "a stage runs on and give the GPU type")
+    pl.add_argument("--sae-width", dest="sae_width", type=int, default=None, help="SAE latents, when its cfg.json is "
+                    "not local")
+    pl.add_argument("--sae-layer", dest="sae_layer", type=int, default=None, help="SAE layer, likewise")
+
     rep = sub.add_parser("report", help="(re)build <run>/report/report.md from a run directory's files")
     rep.add_argument("--run-dir", dest="run_dir", required=True)
     rep.add_argument("--price-per-gpu-hour", dest="gpu_price", type=float, default=2.5)
@@ -221,6 +239,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = from_dict(pipeline.RunConfig, _merge(args, {"run_dir": "run_dir", "overwrite": "overwrite"}))
             print(f"report: {pipeline.run(cfg)}")
+        elif args.command == "plan":
+            from igds_ray import pipeline
+            from igds_ray.plan import cluster_gpus, plan, render
+
+            cfg = from_dict(pipeline.RunConfig, load_yaml(args.config))
+            n_gpus, cluster_type = cluster_gpus(args.cluster) if args.cluster else (None, None)
+            gpu = args.gpu_type or cfg.gpu_type or cluster_type
+            if not gpu:
+                raise ConfigError("igds plan needs a GPU type: --gpu-type, gpu_type in the config, or --cluster")
+            p = plan(cfg, gpu, args.pool_rows, args.tokens_per_row, args.prompt_tokens, args.eval_examples, n_gpus,
+                     args.sae_width, args.sae_layer)
+            print(render(p))
+            return 0 if p.fits else 1
         elif args.command == "report":
             from igds_ray import report
 

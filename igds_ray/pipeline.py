@@ -100,6 +100,10 @@ class RunConfig:
         "side by side; 1: one after another). An arm's result does not depend on it", default=1)
     seed: int = _help("seed for sampling, random baseline, training", default=0)
     overwrite: bool = _help("recompute every stage", default=False)
+    gpu_type: str | None = _help(
+        "GPU type of the cluster's GPU workers (A10G-24GB, L4-24GB, A100-40GB, A100-80GB, H100-80GB, H200-141GB): "
+        "`igds run` refuses, before any compute, a config whose stage cannot fit it (`igds plan` shows the "
+        "arithmetic); default: the type a running Ray cluster's GPU nodes advertise, else no check", default=None)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -115,6 +119,10 @@ class RunConfig:
             raise ConfigError(f"baselines: unknown scorer {sorted(unknown)[0]!r} (known: random, lm, zip, oracle)")
         if self.pool.text_column:
             raise ConfigError("pool: training needs prompt + response columns, not pool.text_column")
+        if self.gpu_type is not None:
+            from igds_ray.hardware import gpu_type
+
+            gpu_type(self.gpu_type)  # names the known types when it is not one
         if self.finetune_concurrency < 0:
             raise ConfigError(f"finetune_concurrency must be >= 0 (0: auto), got {self.finetune_concurrency}")
 
@@ -493,5 +501,53 @@ def run(cfg: RunConfig) -> str:
     """
     from igds_ray.storage import lock
 
+    preflight(cfg)
     with lock(cfg.run_dir, "igds run"):
         return Pipeline(cfg).run()
+
+
+def uses_gpus(cfg: RunConfig) -> bool:
+    lm = cfg.baselines.get("lm", {})
+    return any(x and x > 0 for x in (cfg.recall.num_gpus, cfg.causal.gen_num_gpus, cfg.score.num_gpus,
+                                     lm.get("num_gpus"), cfg.evaluate.num_gpus)) or bool(cfg.finetune.get("use_gpu"))
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks before any compute, each failing in one line that names the key: the run directory's and the
+    pool's storage can be reached, and, where stages ask for GPUs of a known type, every stage fits them."""
+    from igds_ray.plan import plan
+    from igds_ray.storage import filesystem
+
+    for key, uri in (("run_dir", cfg.run_dir), ("pool.path", cfg.pool.path)):
+        try:
+            fs, path = filesystem(uri)
+            fs.get_file_info(path)
+        except Exception as e:  # pyarrow's OSError for an unknown bucket, missing credentials, ...
+            cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{key} {uri!r} cannot be reached: {cause}") from None
+    gpu = cfg.gpu_type or _cluster_gpu_type()
+    if not gpu or not uses_gpus(cfg):
+        return
+    try:
+        p = plan(cfg, gpu)
+    except ConfigError as e:  # no shape or pool statistics to plan with: say so, do not block the run
+        log.warning("memory plan skipped (%s)", e)
+        return
+    refusal = p.refusal()
+    if refusal:
+        raise ConfigError(f"{refusal} (`igds plan --config ... --gpu-type {p.gpu}` shows every stage)")
+
+
+def _cluster_gpu_type() -> str | None:
+    """The GPU type a running Ray cluster's nodes advertise (`accelerator_type:A10G`), if one is connected."""
+    import ray
+
+    from igds_ray.hardware import ACCELERATOR_ALIASES, GPU_TYPES
+
+    if not ray.is_initialized():
+        return None
+    for key in ray.cluster_resources():
+        name = key.removeprefix("accelerator_type:")
+        if key.startswith("accelerator_type:") and (name in GPU_TYPES or name in ACCELERATOR_ALIASES):
+            return name
+    return None

@@ -238,3 +238,48 @@ def test_refuses_what_it_cannot_do(pair, world) -> None:
         vl.generate(["x"], GREEDY, Intervention(0, tuple(range(17)), 0.0))
     with pytest.raises(NotImplementedError, match="HFBackend.activation_quantile"):
         vl.activation_quantile(["x"], 0, [0])
+
+
+def test_evaluation_sizes_the_engine_from_the_prompts_and_closes_it_before_the_hf_copy(world, monkeypatch) -> None:
+    """Evaluation with vLLM (issue 11's memory plan): the engine gets `max_model_len` = longest prompt + new
+    tokens (+ slack) and a GPU share from `num_gpus`; it is closed before the HF model that reads activations
+    loads, and the predictions equal the HF backend's."""
+    from igds_ray.config import to_dict
+    from igds_ray.generation.vllm import VLLMBackend
+    from igds_ray.models.loading import load_tokenizer
+    from igds_ray.stages import evaluate
+    from igds_ray.tasks import TaskExample, get_task
+
+    task = get_task("math")
+    exs = [TaskExample(f"t{i}", f"Tom has {i + 2} apples and buys {i + 1} more. How many?", f"{2 * i + 3}")
+           for i in range(6)]
+    model = ModelConfig(name_or_path=str(world.model_dir), dtype="float32", device="cpu")
+    made: list[tuple[dict, VLLMBackend]] = []
+    closed: list[bool] = []
+    real_init, real_close = VLLMBackend.__init__, VLLMBackend.close
+
+    def init(self, *a, **kw):
+        made.append((dict(kw), self))
+        kw.setdefault("kv_cache_memory_bytes", 64 << 20)
+        real_init(self, *a, **kw)
+
+    def close(self):
+        closed.append(True)
+        real_close(self)
+
+    monkeypatch.setattr(VLLMBackend, "__init__", init)
+    monkeypatch.setattr(VLLMBackend, "close", close)
+    ecfg = to_dict(evaluate.EvalConfig(backend="vllm", max_new_tokens=12, batch_size=4, num_gpus=0.5, template=0))
+    run = lambda backend: evaluate._evaluate_arm(  # noqa: E731
+        "base", to_dict(model), to_dict(SAEConfig(path=str(world.saes["jumprelu"]))), ["l0_p1", "l0_p3"], task,
+        [x.to_dict() for x in exs], {**ecfg, "backend": backend})
+    table, info = run("vllm")
+    assert info["status"] == "ok" and closed == [True] and len(made) == 1
+    tok = load_tokenizer(model)
+    longest = max(len(tok(task.build_prompt(x, 0))["input_ids"]) for x in exs)
+    assert made[0][0]["max_model_len"] == longest + 12 + 8
+    assert made[0][0]["gpu_memory_utilization"] == 0.45
+    assert made[0][1].llm is None  # the engine is gone before the activations are read
+    hf_table, _ = run("hf")
+    assert table.column("prediction").to_pylist() == hf_table.column("prediction").to_pylist()
+    assert table.column("acts").to_pylist() == hf_table.column("acts").to_pylist()

@@ -48,22 +48,42 @@ class NoHelpfulFeature(IGDSError, RuntimeError):
     """No candidate latent passed the causal test and no fallback was configured."""
 
 
+def vllm_options(model: Any, prompts: list[str], references: list[str], max_new_tokens: int, num_gpus: float
+                 ) -> dict[str, Any]:
+    """vLLM engine options from the memory plan (`igds_ray.plan.vllm_memory_options`): `max_model_len` from the
+    longest prompt plus the longer of the generation and the longest reference (teacher-forced log-likelihood)."""
+    from igds_ray.models.loading import load_tokenizer
+    from igds_ray.plan import vllm_memory_options
+
+    tok = load_tokenizer(model)
+    longest = max((len(ids) for ids in tok(list(prompts))["input_ids"]), default=0)
+    ref = max((len(ids) for ids in tok(list(references), add_special_tokens=False)["input_ids"]), default=0) \
+        if references else 0
+    return vllm_memory_options(num_gpus, longest, max(max_new_tokens, ref))
+
+
 class GenerationWorker:
     """A long-lived generation actor: one model (+ SAE) copy, the dev set split in parts, the task metric."""
 
     def __init__(self, backend: str, model: dict, sae: dict, task: Any, examples: list[dict],
                  parts: dict[str, list[int]], template: int, sampling: dict, layer: int, batch_size: int,
-                 loglik: bool, mode: str = "scale", features: tuple[int, ...] = ()) -> None:
+                 loglik: bool, mode: str = "scale", features: tuple[int, ...] = (), num_gpus: float = 0.0) -> None:
         from igds_ray.config import ModelConfig, SAEConfig, from_dict
         from igds_ray.generation import SamplingConfig, make_backend
         from igds_ray.tasks import TaskExample
 
         t0 = time.time()
-        kwargs = {"batch_size": batch_size} if backend == "hf" else {}
-        self.backend = make_backend(backend, from_dict(ModelConfig, model), from_dict(SAEConfig, sae), **kwargs)
+        exs = [TaskExample.from_dict(e) for e in examples]
+        mcfg = from_dict(ModelConfig, model)
+        if backend == "hf":
+            kwargs: dict[str, Any] = {"batch_size": batch_size}
+        else:  # the memory plan: a context as long as the longest dev sequence, a share of the GPU per engine
+            kwargs = vllm_options(mcfg, [task.build_prompt(e, template) for e in exs],
+                                  [task.reference_answer(e) for e in exs] if loglik else [],
+                                  int(sampling["max_new_tokens"]), num_gpus)
+        self.backend = make_backend(backend, mcfg, from_dict(SAEConfig, sae), **kwargs)
         self.load_s = time.time() - t0
         self.task = task
-        exs = [TaskExample.from_dict(e) for e in examples]
         self.parts = {name: [exs[i] for i in idx] for name, idx in parts.items()}
         self.prompts = {name: [task.build_prompt(e, template) for e in ex] for name, ex in self.parts.items()}
         self.references = {name: [task.reference_answer(e) for e in ex] for name, ex in self.parts.items()}
@@ -284,7 +304,7 @@ def run(cfg: IdentifyConfig, recall_table: pa.Table | None = None) -> dict[str, 
     actors = [
         Worker.options(name=n, num_cpus=c.gen_num_cpus, num_gpus=c.gen_num_gpus or None).remote(
             c.backend, to_dict(cfg.model), to_dict(cfg.sae), task, [e.to_dict() for e in dev.examples], parts,
-            c.template, sampling, si.layer, c.gen_batch_size, c.loglik, c.mode, cand_ids)
+            c.template, sampling, si.layer, c.gen_batch_size, c.loglik, c.mode, cand_ids, c.gen_num_gpus)
         for n in names
     ]
     infos = ray.get([a.info.remote() for a in actors])

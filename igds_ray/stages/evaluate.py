@@ -66,19 +66,33 @@ def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: A
     exs = [TaskExample.from_dict(x) for x in examples]
     prompts = [task.build_prompt(x, e.template) for x in exs]
     t0 = time.time()
-    if e.backend == "vllm":
-        from igds_ray.generation import make_backend
-
-        gen_backend = make_backend("vllm", mcfg, None)
-        backend = HFBackend(mcfg, None, batch_size=e.batch_size)  # activations need the torch model
-    else:
-        backend = gen_backend = HFBackend(mcfg, None, batch_size=e.batch_size)
-    load_s = time.time() - t0
     sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, repetition_penalty=e.repetition_penalty,
                               stop=tuple(getattr(task, "stop_sequences", ()) or ()))
-    t1 = time.time()
-    preds = gen_backend.generate(prompts, sampling)
-    gen_s = time.time() - t1
+    if e.backend == "vllm":
+        from igds_ray.generation import make_backend
+        from igds_ray.stages.causal import vllm_options
+
+        # The memory plan: vLLM and the HF copy that reads activations never share the GPU. The engine is
+        # sized to the longest test prompt and closed after generating, before the HF model loads.
+        gen_backend = make_backend("vllm", mcfg, None, **vllm_options(mcfg, prompts, [], e.max_new_tokens, e.num_gpus))
+        load_s = time.time() - t0
+        t1 = time.time()
+        try:
+            preds = gen_backend.generate(prompts, sampling)
+        finally:
+            gen_backend.close()
+            del gen_backend
+            _free_accelerator_memory()
+        gen_s = time.time() - t1
+        t2 = time.time()
+        backend = HFBackend(mcfg, None, batch_size=e.batch_size)  # activations need the torch model
+        load_s += time.time() - t2
+    else:
+        backend = HFBackend(mcfg, None, batch_size=e.batch_size)
+        load_s = time.time() - t0
+        t1 = time.time()
+        preds = backend.generate(prompts, sampling)
+        gen_s = time.time() - t1
     metrics = task.corpus_metric(preds, exs)
     scores = [task.score(p, x) for p, x in zip(preds, exs)]
     answers = [task.extract(p) for p in preds]
@@ -111,6 +125,16 @@ def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: A
         "model": model,
     }
     return table, info
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def pearson(x: list[float], y: list[float]) -> float:
