@@ -102,15 +102,15 @@ def peak_gb(dev: torch.device) -> float | None:
 
 
 def timed(fn: Callable[[], Any], reps: int, dev: torch.device) -> tuple[float, Any]:
-    """Median wall seconds of `reps` synchronized calls after one warm-up call; the last result."""
+    """Median seconds of `reps` calls after one warm-up call (CUDA events on a GPU); the last result."""
+    from igds_ray.timing import time_call
+
     fn()
     sync(dev)
     times, res = [], None
     for _ in range(reps):
-        t = time.perf_counter()
-        res = fn()
-        sync(dev)
-        times.append(time.perf_counter() - t)
+        dt, res = time_call(fn, dev)
+        times.append(dt)
     return statistics.median(times), res
 
 

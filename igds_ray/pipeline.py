@@ -501,53 +501,8 @@ def run(cfg: RunConfig) -> str:
     """
     from igds_ray.storage import lock
 
-    preflight(cfg)
+    from igds_ray.preflight import check_run
+
+    check_run(cfg)
     with lock(cfg.run_dir, "igds run"):
         return Pipeline(cfg).run()
-
-
-def uses_gpus(cfg: RunConfig) -> bool:
-    lm = cfg.baselines.get("lm", {})
-    return any(x and x > 0 for x in (cfg.recall.num_gpus, cfg.causal.gen_num_gpus, cfg.score.num_gpus,
-                                     lm.get("num_gpus"), cfg.evaluate.num_gpus)) or bool(cfg.finetune.get("use_gpu"))
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Checks before any compute, each failing in one line that names the key: the run directory's and the
-    pool's storage can be reached, and, where stages ask for GPUs of a known type, every stage fits them."""
-    from igds_ray.plan import plan
-    from igds_ray.storage import filesystem
-
-    for key, uri in (("run_dir", cfg.run_dir), ("pool.path", cfg.pool.path)):
-        try:
-            fs, path = filesystem(uri)
-            fs.get_file_info(path)
-        except Exception as e:  # pyarrow's OSError for an unknown bucket, missing credentials, ...
-            cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{key} {uri!r} cannot be reached: {cause}") from None
-    gpu = cfg.gpu_type or _cluster_gpu_type()
-    if not gpu or not uses_gpus(cfg):
-        return
-    try:
-        p = plan(cfg, gpu)
-    except ConfigError as e:  # no shape or pool statistics to plan with: say so, do not block the run
-        log.warning("memory plan skipped (%s)", e)
-        return
-    refusal = p.refusal()
-    if refusal:
-        raise ConfigError(f"{refusal} (`igds plan --config ... --gpu-type {p.gpu}` shows every stage)")
-
-
-def _cluster_gpu_type() -> str | None:
-    """The GPU type a running Ray cluster's nodes advertise (`accelerator_type:A10G`), if one is connected."""
-    import ray
-
-    from igds_ray.hardware import ACCELERATOR_ALIASES, GPU_TYPES
-
-    if not ray.is_initialized():
-        return None
-    for key in ray.cluster_resources():
-        name = key.removeprefix("accelerator_type:")
-        if key.startswith("accelerator_type:") and (name in GPU_TYPES or name in ACCELERATOR_ALIASES):
-            return name
-    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 from sae_lens import SAE
@@ -123,3 +124,90 @@ def test_feature_encoder_equals_full_encode(world, arch):
     assert (full > 0).any(), "the fixture SAE should have active features"
     with pytest.raises(ValueError, match="out of range"):
         FeatureEncoder(sae, [64])
+
+
+def test_a_truncated_load_builds_only_the_first_blocks_and_reads_the_same_stream(world):
+    """Issue 11: the scorer loads blocks 0..L only (`load_model(layers=L+1)`), and its right-padded, mask-free
+    forward gives every real position the full model's `hidden_states[L+1]`."""
+    cfg = ModelConfig(name_or_path=str(world.model_dir), dtype="float32", device="cpu")
+    full = load_model(cfg, torch.device("cpu"))
+    short = load_model(cfg, torch.device("cpu"), layers=1)
+    assert len(decoder_layers(full)) == 2 and len(decoder_layers(short)) == 1
+    n_block = sum(p.numel() for p in decoder_layers(full)[1].parameters())
+    assert sum(p.numel() for p in short.parameters()) == sum(p.numel() for p in full.parameters()) - n_block
+    tok = load_tokenizer(cfg)
+    enc = tok(["Tom has 3 apples and buys 4 more.", "the cat", "x"], return_tensors="pt", padding=True)
+    assert tok.padding_side == "right"
+    with torch.no_grad():
+        ref = full(**enc, output_hidden_states=True).hidden_states[1]
+    got = LayerRunner(short, 0)(enc["input_ids"], None)  # no padding mask: causal attention hides the padding
+    mask = enc["attention_mask"].bool()
+    assert (~mask).any(), "the batch should hold padding"
+    torch.testing.assert_close(got[mask], ref[mask], rtol=0, atol=1e-6)
+    # an adapter may adapt any block: then the whole model is loaded
+    assert load_model(cfg, torch.device("cpu"), layers=5) is not None  # more layers than the model has: all
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_a_compact_encoder_keeps_only_the_chosen_columns(world, arch):
+    sae = SAE.load_from_disk(world.saes[arch])
+    x = torch.randn(200, sae.cfg.d_in, generator=torch.Generator().manual_seed(1)) * 0.2
+    idx = [5, 0, 63, 17]
+    ref = FeatureEncoder(sae, idx)(x)
+    small = SAE.load_from_disk(world.saes[arch])
+    enc = FeatureEncoder(small, idx, compact=True)
+    assert small.W_enc.numel() == 0 and small.W_dec.numel() == 0
+    kept = sum(t.numel() for t in enc.state_dict().values())
+    assert kept < sae.W_enc.numel() // 2  # 16 columns + the d_in/d_sae vectors, not the matrices
+    torch.testing.assert_close(enc(x), ref, rtol=0, atol=0)
+
+
+def test_soft_capped_attention_runs_eager_and_sdpa_is_refused(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=32, intermediate_size=128, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0, sliding_window=16)
+    Gemma2ForCausalLM(cfg).save_pretrained(tmp_path)
+    mcfg = ModelConfig(name_or_path=str(tmp_path), dtype="float32", device="cpu")
+    model = load_model(mcfg, torch.device("cpu"), layers=2)
+    assert model.config._attn_implementation == "eager" and len(decoder_layers(model)) == 2
+    assert len(model.config.layer_types) == 2  # per-layer lists cut with the layer count
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    full = load_model(mcfg, torch.device("cpu"))
+    with torch.no_grad():
+        ref = full(input_ids=ids, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(LayerRunner(model, 1)(ids, None), ref, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="sdpa ignores .*soft-capping"):
+        load_model(ModelConfig(name_or_path=str(tmp_path), attn_implementation="sdpa", device="cpu"),
+                   torch.device("cpu"))
+
+
+def test_mask_free_bf16_scoring_matches_the_masked_eager_path(world):
+    """Parity of the fast path (SDPA, no padding mask, bf16) with the eager, masked one: pooled activations
+    within 1e-2 relative (issue 11)."""
+    from igds_ray.stages.score import PooledFeatureActs
+    from igds_ray.tokenize import ExampleBuilder
+
+    fast = load_model(ModelConfig(name_or_path=str(world.model_dir), dtype="bfloat16", device="cpu"),
+                      torch.device("cpu"), layers=1)
+    slow = load_model(ModelConfig(name_or_path=str(world.model_dir), dtype="bfloat16", device="cpu",
+                                  attn_implementation="eager"), torch.device("cpu"))
+    assert fast.config._attn_implementation == "sdpa"
+    tok = load_tokenizer(ModelConfig(name_or_path=str(world.model_dir)))
+    # A ReLU SAE: JumpReLU's step turns a 2e-8 difference at a threshold into a jump of the threshold's size
+    # (measured here: one such flip moved a pooled activation by 1e-3 even in float32).
+    sae = SAE.load_from_disk(world.saes["standard"])
+    idx = list(range(64))
+    prompts = [f"Tom has {i} apples and buys {i % 7 + 1} more. How many apples?" * (1 + i % 3) for i in range(24)]
+    examples = ExampleBuilder(tok, "mean", 256).build_text(prompts)
+    got = PooledFeatureActs(LayerRunner(fast, 0), FeatureEncoder(sae, idx), tok.pad_token_id, "mean", 512)(examples)
+    ref = np.zeros_like(got)
+    with torch.no_grad():  # the eager model, with the padding mask, one row at a time
+        for r, e in enumerate(examples):
+            h = LayerRunner(slow, 0, prune=False)(torch.tensor([e.input_ids]),
+                                                  torch.ones(1, len(e.input_ids), dtype=torch.long))
+            ref[r] = FeatureEncoder(sae, idx)(h[0, e.positions].float()).float().mean(0).numpy()
+    assert np.abs(ref).max() > 0
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()

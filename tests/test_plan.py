@@ -139,8 +139,12 @@ def test_igds_run_checks_storage_and_fit_before_any_compute(tmp_path: Path, caps
     pool = tmp_path / "pool.parquet"
     pq.write_table(pa.table({"id": ["a"], "query": ["q"], "response": ["r"]}), pool)
     run_dir = tmp_path / "run"
+    model_dir = tmp_path / "gemma-2-2b"  # the model's config alone: the plan needs no weights
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "gemma2", **KNOWN_SHAPES["google/gemma-2-2b"]}))
     data = load_yaml(ROOT / "configs" / "gemma2_2b_math.yaml")
     data.update(run_dir=str(run_dir), gpu_type="L4-24GB", pool={**data["pool"], "path": str(pool)},
+                model={**data["model"], "name_or_path": str(model_dir)},
                 finetune={**data["finetune"], "batch_size": 8, "gradient_checkpointing": False})
     from igds_ray import pipeline
 
@@ -149,3 +153,29 @@ def test_igds_run_checks_storage_and_fit_before_any_compute(tmp_path: Path, caps
     assert not run_dir.exists()
     with pytest.raises(ConfigError, match="unknown GPU type 'T4'"):
         from_dict(RunConfig, {**data, "gpu_type": "T4"})
+
+
+def test_stage_commands_check_storage_and_models_first(world, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Issue 11, part 6: each stage command refuses, in one line naming the key, before any compute."""
+    from igds_ray.preflight import model_reachable, reachable, sae_reachable
+
+    rc = cli.main(["select", "--scores", "s3://YOUR-BUCKET/scores/igds", "--out", str(tmp_path / "sel")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(
+        "igds select: error: scores 's3://YOUR-BUCKET/scores/igds' cannot be reached: ")
+    assert not (tmp_path / "sel").exists()
+    with pytest.raises(ConfigError, match=r"^out 'nosuch://x/y' cannot be reached: "):
+        reachable("out", "nosuch://x/y")
+    reachable("out", str(tmp_path / "not-yet"))  # an output that does not exist yet is fine
+    with pytest.raises(ConfigError, match=r"model.name_or_path '\./missing/model': no such directory"):
+        model_reachable("model.name_or_path", "./missing/model")
+    with pytest.raises(ConfigError, match="no config.json in that directory"):
+        model_reachable("model.name_or_path", str(tmp_path))
+    model_reachable("model.name_or_path", str(world.model_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="'nobody/nothing-here': not in the local Hugging Face cache"):
+        model_reachable("model.name_or_path", "nobody/nothing-here")
+    with pytest.raises(ConfigError, match="sae.path .*: no sae_weights.safetensors there"):
+        from igds_ray.config import SAEConfig
+
+        sae_reachable(SAEConfig(path=str(tmp_path)))

@@ -168,9 +168,15 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device | None = None) -> torch.nn.Module:
-    """A causal LM in eval mode. Safetensors only unless `allow_pickle`; remote code only if asked."""
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: ModelConfig, device: torch.device | None = None, layers: int | None = None) -> torch.nn.Module:
+    """A causal LM in eval mode. Safetensors only unless `allow_pickle`; remote code only if asked.
+
+    `layers`: build and load only the first `layers` decoder blocks (the scorer needs blocks 0..L), so the
+    later blocks' weights are never read or allocated. Ignored with an adapter (it may adapt any block).
+    Models with attention-logit soft-capping (Gemma-2) run eager attention unless flash_attention_2 is
+    asked for: SDPA has no soft-capping."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     device = device or resolve_device(cfg.device)
     kwargs: dict[str, Any] = dict(
@@ -179,8 +185,28 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> torch.nn
         revision=cfg.revision,
         use_safetensors=None if cfg.allow_pickle else True,
     )
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    mc = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    text = getattr(mc, "text_config", None) or mc
+    attn = cfg.attn_implementation
+    if getattr(text, "attn_logit_softcapping", None):
+        if attn in ("sdpa", "flex_attention") or (attn or "").startswith("paged"):
+            raise ConfigError(f"model.attn_implementation: {attn} ignores {cfg.name_or_path!r}'s attention logit "
+                              "soft-capping; use eager or flash_attention_2")
+        attn = attn or "eager"
+    if attn:
+        kwargs["attn_implementation"] = attn
+    n = int(getattr(text, "num_hidden_layers", 0) or 0)
+    truncated = layers is not None and not cfg.adapter and 0 < layers < n
+    if truncated:
+        # Per-layer lists (layer_types, sliding windows, ...) are cut with the layer count.
+        for key, val in list(vars(text).items()):
+            if isinstance(val, list) and len(val) == n:
+                setattr(text, key, val[:layers])
+        text.num_hidden_layers = layers
+        kwargs["config"] = mc
+    verbosity = hf_logging.get_verbosity()
+    if truncated:  # the checkpoint's later blocks are "unused weights": expected, not worth a warning
+        hf_logging.set_verbosity_error()
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except OSError as e:
@@ -190,6 +216,8 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> torch.nn
                 "on load, so they are refused unless model.allow_pickle is set"
             ) from None
         raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if cfg.adapter:
         model = _apply_adapter(model, cfg.adapter)
     return model.to(device).eval()

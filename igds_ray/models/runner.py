@@ -38,8 +38,12 @@ class LayerRunner:
         self._block = layers[layer]
 
     @torch.inference_mode()
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """hidden: [batch, seq, d_model], the residual stream after block `layer`."""
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """hidden: [batch, seq, d_model], the residual stream after block `layer`.
+
+        `attention_mask=None` for right-padded batches whose padding is never read: under causal attention no
+        real token attends to the padding after it, and without a padding mask transformers builds no 4D mask,
+        so SDPA (and flash) run their fused causal kernels."""
         captured: list[Tensor] = []
 
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -72,7 +76,9 @@ class FeatureEncoder(nn.Module):
     encode, then slice.
     """
 
-    def __init__(self, sae: nn.Module, indices: Sequence[int] | None, pad_to: int = 16) -> None:
+    def __init__(self, sae: nn.Module, indices: Sequence[int] | None, pad_to: int = 16, compact: bool = False) -> None:
+        """`compact`: once the k columns are copied, drop the SAE's full W_enc and W_dec (d_in x d_sae each) so
+        that moving the encoder to a GPU moves only the columns and the input preprocessing's vectors."""
         super().__init__()
         self.sae = sae
         d_sae = int(sae.cfg.d_sae)
@@ -96,6 +102,10 @@ class FeatureEncoder(nn.Module):
                 self.register_buffer("b", sae.b_enc[cols].detach().clone())
                 if self.jumprelu:
                     self.register_buffer("threshold", sae.threshold[cols].detach().clone())
+            if compact:
+                for name in ("W_enc", "W_dec"):
+                    if isinstance(getattr(sae, name, None), nn.Parameter):
+                        setattr(sae, name, nn.Parameter(getattr(sae, name).new_empty(0), requires_grad=False))
 
     @torch.inference_mode()
     def forward(self, x: Tensor) -> Tensor:

@@ -653,6 +653,11 @@ def run(cfg: FinetuneConfig, fail_after_steps: int | None = None) -> dict[str, A
 
     from igds_ray.stages.score import init_ray
 
+    from igds_ray.preflight import model_reachable, reachable
+
+    reachable("data", cfg.data)
+    reachable("out", cfg.out)
+    model_reachable("model.name_or_path", cfg.model.name_or_path, cfg.model.revision)
     cfg = _absolute_paths(cfg)
     out = StageDir(cfg.out)
     if out.done() and not cfg.overwrite:

@@ -58,7 +58,8 @@ class RecallActor:
         sae_model = load_sae(scfg, device)
         self.d_sae = int(sae_model.cfg.d_sae)
         self.acts = PooledFeatureActs(
-            LayerRunner(load_model(mcfg, device), layer), FeatureEncoder(sae_model, None), tok.pad_token_id,
+            LayerRunner(load_model(mcfg, device, layers=layer + 1), layer), FeatureEncoder(sae_model, None),
+            tok.pad_token_id,
             "last" if rcfg.positions == "last" else "max", rcfg.token_budget,
         )
 

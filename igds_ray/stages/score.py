@@ -89,6 +89,13 @@ def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PooledFeatureActs:
     """The model + SAE half of scoring: examples in, pooled k-feature activations out."""
 
@@ -100,22 +107,24 @@ class PooledFeatureActs:
 
     @torch.inference_mode()
     def __call__(self, examples: Sequence[Example]) -> np.ndarray:
-        """acts: [n_examples, k] float32."""
-        out = np.zeros((len(examples), self.encoder.k), dtype=np.float32)
+        """acts: [n_examples, k] float32.
+
+        Micro-batches are right-padded and run without a padding mask (`LayerRunner`: the positions read are
+        never padding, and causal attention keeps padding out of them). Results stay on the device until the
+        end of the call: one device-to-host copy per call, not one per micro-batch."""
+        dev = self.runner_device
+        out = torch.zeros((len(examples), self.encoder.k), dtype=torch.float32, device=dev)
         for mb in micro_batches([len(e.input_ids) for e in examples], self.token_budget):
             T = max(len(examples[i].input_ids) for i in mb)
             ids = torch.full((len(mb), T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(mb), T), dtype=torch.long)
             for r, i in enumerate(mb):
-                n = len(examples[i].input_ids)
-                ids[r, :n] = torch.tensor(examples[i].input_ids)
-                mask[r, :n] = 1
-            dev = self.runner_device
-            hidden = self.runner(ids.to(dev), mask.to(dev))  # [b, T, d]
+                ids[r, :len(examples[i].input_ids)] = torch.tensor(examples[i].input_ids)
+            rows = torch.tensor([r for r, i in enumerate(mb) for _ in examples[i].positions])
+            cols = torch.tensor([p for i in mb for p in examples[i].positions])
+            hidden = self.runner(_to(ids, dev), None)  # [b, T, d]
             self.tokens_forwarded += len(mb) * T
             self.rows_forwarded += len(mb)
-            rows = torch.tensor([r for r, i in enumerate(mb) for _ in examples[i].positions], device=hidden.device)
-            cols = torch.tensor([p for i in mb for p in examples[i].positions], device=hidden.device)
+            rows, cols = _to(rows, dev), _to(cols, dev)
             acts = self.encoder(hidden[rows, cols]).float()  # [n_positions, k]
             if self.pooling == "last":
                 pooled = acts  # one position per row, in row order
@@ -123,8 +132,8 @@ class PooledFeatureActs:
                 pooled = torch.zeros((len(mb), acts.shape[1]), dtype=acts.dtype, device=acts.device)
                 reduce = "amax" if self.pooling in ("max", "prompt_max") else "mean"
                 pooled.index_reduce_(0, rows, acts, reduce, include_self=False)
-            out[mb] = pooled.cpu().numpy()
-        return out
+            out[_to(torch.tensor(mb), dev)] = pooled
+        return out.cpu().numpy()
 
     @property
     def runner_device(self) -> torch.device:
@@ -153,13 +162,15 @@ class FeatureScorer:
             torch.set_num_threads(max(1, int(c.num_cpus)))
         feats = c.feature_ids
         self.tokenizer = load_tokenizer(c.model)
-        model = load_model(c.model, device)
-        sae = load_sae(c.sae, device)
         self.layer = feats[0].layer
+        # Only blocks 0..L are built and loaded; the SAE is read on the CPU and only its k columns (and the
+        # input preprocessing's vectors) go to the device.
+        model = load_model(c.model, device, layers=self.layer + 1)
+        sae = load_sae(c.sae, torch.device("cpu"))
         self.builder = ExampleBuilder(self.tokenizer, c.pooling, c.max_tokens, c.pool.chat_template)
         self.acts = PooledFeatureActs(
             LayerRunner(model, self.layer, prune=True),
-            FeatureEncoder(sae, [f.index for f in feats]),
+            FeatureEncoder(sae, [f.index for f in feats], compact=True).to(device),
             self.tokenizer.pad_token_id,
             c.pooling,
             c.token_budget,
@@ -547,8 +558,11 @@ def run_stage(
     import pyarrow.dataset as pads
 
     from igds_ray import pool as P
+    from igds_ray.preflight import reachable
     from igds_ray.storage import StageDir
 
+    reachable("pool.path", pool_cfg.path)
+    reachable("out", out_uri)
     pool = P.discover(pool_cfg.path, pool_cfg.text_columns, pool_cfg.id_column)
     out = StageDir(out_uri)
     if out.done() and not overwrite:

@@ -144,6 +144,10 @@ def _last_row(t: pa.Table) -> dict:
 def run(cfg: SelectConfig) -> dict[str, Any]:
     """Write `<out>/<arm>.parquet/`; a finished one is kept unless `overwrite`. The output directory
     is locked while it is written (a second run on it fails at once with `RunLocked`)."""
+    from igds_ray.preflight import reachable
+
+    reachable("scores", cfg.scores)
+    reachable("out", cfg.out)
     scores = StageDir(cfg.scores)
     smanifest = scores.manifest()
     out = StageDir(join(cfg.out, f"{cfg.arm}.parquet"))
