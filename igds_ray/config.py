@@ -82,7 +82,9 @@ class PoolConfig:
     template_index: int = _help("task template for prompt_template task/auto (the pipeline passes causal.template)",
                                 default=0)
     chat_template: bool = _help("same as prompt_template: chat (older configs)", default=False)
-    rows_per_read_task: int = _help("rows per read task (row groups are never split)", default=8192)
+    rows_per_read_task: int | None = _help(
+        "rows per read task (row groups are never split); None: about 64 MiB of the read columns per task, from the "
+        "Parquet footers, between 8192 and 131072", default=None)
 
     @property
     def text_columns(self) -> tuple[str, ...]:
@@ -104,7 +106,7 @@ class PoolConfig:
             raise ConfigError(f"pool.template_index must be >= 0, got {self.template_index}")
         if not self.text_column and self.prompt_column == self.response_column:
             raise ConfigError("pool.prompt_column and pool.response_column must differ")
-        if self.rows_per_read_task < 1:
+        if self.rows_per_read_task is not None and self.rows_per_read_task < 1:
             raise ConfigError("pool.rows_per_read_task must be >= 1")
 
 

@@ -9,6 +9,7 @@ the file's name.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from igds_ray.schema import ID, INPUT_ERROR, SRC_FILE, SRC_ROW
 from igds_ray.storage import filesystem
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+READ_TASK_CPUS = 0.25  # CPUs a pool read task reserves
+TASK_BYTES = 64 << 20  # read columns per read task when pool.rows_per_read_task is auto (Ray Data's blocks: 128 MiB)
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class PoolFile:
     rel: str  # relative to the pool root: the stable part of generated ids
     row_groups: tuple[int, ...]  # rows per row group
     size: int = -1  # bytes (-1: unknown); with `row_groups`, what tells a changed file from the one scored
+    read_bytes: int = -1  # uncompressed bytes of the columns read (footer statistics; -1: unknown)
 
     @property
     def num_rows(self) -> int:
@@ -49,6 +53,16 @@ class Pool:
     @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
+
+    def rows_per_read_task(self, target_bytes: int = TASK_BYTES, floor: int = 8192, cap: int = 131072) -> int:
+        """Rows per read task for about `target_bytes` of the read columns, from the footers' uncompressed sizes,
+        within [floor, cap]. The cap bounds what dictionary-encoded (repetitive) text, whose encoded size
+        understates its size in memory, can make a task read."""
+        known = [f for f in self.files if f.read_bytes > 0 and f.num_rows]
+        if not known:
+            return floor
+        per_row = sum(f.read_bytes for f in known) / sum(f.num_rows for f in known)
+        return max(floor, min(cap, int(target_bytes / max(per_row, 1.0))))
 
 
 def _hidden(rel: str) -> bool:
@@ -129,7 +143,12 @@ def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threa
                         nulls = pq.ParquetFile(fh).read_row_group(rg, columns=[id_column]).column(0).null_count
                 if nulls > 0:
                     raise PoolError(f"pool file {rel}: id column {id_column!r} has null values (row group {rg})")
-        files.append(PoolFile(path, rel, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)), size))
+        leaves = {meta.schema.column(j).path: j for j in range(meta.num_columns)}  # Parquet leaf columns
+        read = [leaves[c] for c in (*text_columns, *([id_column] if file_has_id else [])) if c in leaves]
+        read_bytes = sum(meta.row_group(i).column(j).total_uncompressed_size
+                         for i in range(meta.num_row_groups) for j in read)
+        files.append(PoolFile(path, rel, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)), size,
+                              read_bytes))
     pool = Pool(uri, tuple(files), text_columns, id_column if has_id else None, id_type)
     if pool.num_rows == 0:
         raise PoolError(f"pool {uri}: its {len(files)} Parquet file(s) hold no rows")
@@ -181,22 +200,49 @@ def _chunks(f: PoolFile, max_rows: int) -> Iterator[tuple[int, list[int]]]:
         yield first, group
 
 
+@dataclass(frozen=True)
+class ChunkSpec:
+    """Everything one read task needs, and nothing about the rest of the pool: a task's pickled size does not
+    grow with the pool's file count."""
+
+    path: str  # path inside the filesystem
+    rel: str  # relative to the pool root
+    first_row: int
+    row_groups: tuple[int, ...]  # indices of the row groups read
+    text_columns: tuple[str, ...]
+    id_column: str | None
+    skip: np.ndarray | None = None  # positions in the chunk already scored by an earlier attempt
+    rows_per_block: int = 8192
+
+
+def read_spec(fs: pafs.FileSystem, spec: ChunkSpec) -> list[pa.Table]:
+    """A read task's body (module level, so the task pickles as a reference plus its own spec)."""
+    table = _read_columns(fs, spec.path, spec.rel, spec.first_row, list(spec.row_groups), spec.text_columns,
+                          spec.id_column)
+    return _sliced(_without(table, spec.skip), spec.rows_per_block)
+
+
 def read_chunk(fs: pafs.FileSystem, pool: Pool, f: PoolFile, first_row: int, row_groups: list[int]) -> pa.Table:
-    columns = list(pool.text_columns) + ([pool.id_column] if pool.id_column else [])
+    return _read_columns(fs, f.path, f.rel, first_row, row_groups, pool.text_columns, pool.id_column)
+
+
+def _read_columns(fs: pafs.FileSystem, path: str, rel: str, first_row: int, row_groups: list[int],
+                  text_columns: tuple[str, ...], id_column: str | None) -> pa.Table:
+    columns = list(text_columns) + ([id_column] if id_column else [])
     try:
-        with fs.open_input_file(f.path) as fh:
+        with fs.open_input_file(path) as fh:
             table = pq.ParquetFile(fh).read_row_groups(row_groups, columns=columns)
     except Exception as e:
-        raise PoolError(f"pool file {f.rel}: cannot read row groups {row_groups} ({type(e).__name__}: {e})") from None
+        raise PoolError(f"pool file {rel}: cannot read row groups {row_groups} ({type(e).__name__}: {e})") from None
     n = table.num_rows
     rows = pa.array(range(first_row, first_row + n), pa.int64())
-    if pool.id_column:
-        ids = table.column(pool.id_column)
+    if id_column:
+        ids = table.column(id_column)
     else:
-        ids = pa.array([f"{f.rel}:{r}" for r in range(first_row, first_row + n)], pa.string())
-    out: dict[str, pa.Array | pa.ChunkedArray] = {ID: ids, SRC_FILE: pa.array([f.rel] * n, pa.string()), SRC_ROW: rows}
+        ids = pa.array([f"{rel}:{r}" for r in range(first_row, first_row + n)], pa.string())
+    out: dict[str, pa.Array | pa.ChunkedArray] = {ID: ids, SRC_FILE: pa.array([rel] * n, pa.string()), SRC_ROW: rows}
     errors: list[str | None] = [None] * n
-    for name in pool.text_columns:
+    for name in text_columns:
         values, errs = as_text(table.column(name), name)
         out[name] = pa.array(values, pa.large_string())
         errors = [a if a is not None else b for a, b in zip(errors, errs)]
@@ -253,15 +299,10 @@ def make_datasource(pool: Pool, rows_per_task: int,
                         skip = (finished[lo:hi] - first).astype(np.int64) if hi > lo else None
                     rows = n - (0 if skip is None else len(skip))
                     meta = BlockMetadata(num_rows=rows, size_bytes=None, input_files=[f.path], exec_stats=None)
-                    tasks.append(
-                        ReadTask(
-                            lambda f=f, first=first, groups=groups, skip=skip: _sliced(
-                                _without(read_chunk(fs, pool, f, first, groups), skip), rows_per_task
-                            ),
-                            meta,
-                            per_task_row_limit=per_task_row_limit,
-                        )
-                    )
+                    spec = ChunkSpec(f.path, f.rel, first, tuple(groups), pool.text_columns, pool.id_column, skip,
+                                     rows_per_task)
+                    tasks.append(ReadTask(functools.partial(read_spec, fs, spec), meta,
+                                          per_task_row_limit=per_task_row_limit))
             return tasks
 
     return PoolDatasource()
@@ -271,4 +312,6 @@ def read_pool(pool: Pool, rows_per_task: int, done: Mapping[str, np.ndarray] | N
               ) -> "ray.data.Dataset":  # noqa: F821
     import ray
 
-    return ray.data.read_datasource(make_datasource(pool, rows_per_task, done))
+    # A quarter of a CPU per read task: scorer actors that reserve all but a fraction of the cluster's CPUs still
+    # leave the reads room to run (a read task at Ray Data's default of 1 CPU could wait forever).
+    return ray.data.read_datasource(make_datasource(pool, rows_per_task, done), num_cpus=READ_TASK_CPUS)

@@ -446,33 +446,32 @@ HANG_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_warns_before_launching_actors_that_leave_no_cpu_for_the_read_tasks(ray_local):
-    """The cheap half of the bug below: the session's Ray has 2 CPUs and no autoscaler."""
-    from igds_ray.stages.score import CPUStarvationWarning, check_cpu_headroom
-
-    assert ray_local.cluster_resources()["CPU"] == 2
-    with pytest.warns(CPUStarvationWarning, match=r"2 scorer actor\(s\) x 1 CPU \(min_actors × num_cpus\) leave 0 of "
-                                                  r"the cluster's 2 CPUs for Ray Data's read tasks.*no autoscaler is "
-                                                  r"configured: the job may wait forever"):
-        assert check_cpu_headroom(2, 1.0)
-    with pytest.warns(CPUStarvationWarning, match=r"leave 0.5 of the cluster's 2 CPUs"):
-        check_cpu_headroom(1, 1.5)
-    with pytest.warns(CPUStarvationWarning, match=r"\(actors × num_cpus\)"):
-        check_cpu_headroom(4, 1.0, keys="actors × num_cpus")
+def test_refuses_actors_that_leave_no_cpu_for_the_read_tasks(ray_local):
+    """The session's Ray has 2 CPUs and no autoscaler: actors that leave less than a read task's quarter CPU
+    are refused, naming the keys; a fraction of a CPU left is enough."""
     import warnings
 
+    from igds_ray.errors import ConfigError
+    from igds_ray.stages.score import check_cpu_headroom
+
+    assert ray_local.cluster_resources()["CPU"] == 2
+    with pytest.raises(ConfigError, match=r"2 scorer actor\(s\) x 1 CPU \(min_actors × num_cpus\) leave 0 of the "
+                                          r"cluster's 2 CPUs for the pool's read tasks, which need 0.25 each, and no "
+                                          r"autoscaler is configured, so the job would wait forever"):
+        check_cpu_headroom(2, 1.0)
+    with pytest.raises(ConfigError, match=r"\(actors × num_cpus\) leave 0 of"):
+        check_cpu_headroom(4, 1.0, keys="actors × num_cpus")
+    with pytest.raises(ConfigError, match=r"leave 0.1 of the cluster's 2 CPUs"):
+        check_cpu_headroom(1, 1.9)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # none of these may warn
+        warnings.simplefilter("error")  # none of these may warn or refuse
         assert check_cpu_headroom(1, 1.0) is None
+        assert check_cpu_headroom(1, 1.5) is None  # 0.5 CPU left: two read tasks
         assert check_cpu_headroom(2, 0.5) is None
         assert check_cpu_headroom(3, 0.25) is None
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: scorer actors that reserve every CPU of the cluster (min_actors x "
-                   "num_cpus >= CPUs) leave none for the read tasks: the job waits forever, no error "
-                   "(a CPUStarvationWarning is issued before launching; an error would be wrong on an "
-                   "autoscaling cluster)")
 def test_actors_taking_every_cpu(world, tmp_path):
     """Run in its own Ray (a hung job would hold the shared test cluster's CPUs for good)."""
     ray_tmp = tempfile.mkdtemp(prefix="igdshang", dir="/tmp")

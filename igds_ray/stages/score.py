@@ -44,7 +44,7 @@ import torch
 
 from igds_ray import schema as S
 from igds_ray.config import PoolConfig, ScoreConfig, from_dict, to_dict
-from igds_ray.errors import StageOutputError
+from igds_ray.errors import ConfigError, StageOutputError
 from igds_ray.models.loading import (
     check_compatible,
     load_model,
@@ -315,33 +315,36 @@ class CPUStarvationWarning(UserWarning):
 
 
 def check_cpu_headroom(actors: int, cpus_per_actor: float, keys: str = "min_actors × num_cpus") -> str | None:
-    """Warn (and return the message) when `actors × cpus_per_actor` leaves less than one CPU of the
-    cluster's current total and no autoscaler is configured.
+    """Refuse, before launching anything, scorer actors that leave the pool's read tasks no CPU.
 
-    Ray Data's read tasks need one CPU each; scorer actors that hold every CPU leave them none, and
-    the job then waits forever without an error. On an autoscaling cluster more nodes
-    arrive, so this is a warning, never an error.
+    A read task reserves `READ_TASK_CPUS` (a quarter CPU). When `actors × cpus_per_actor` leaves less than
+    that of the cluster's CPUs and the cluster cannot grow (no autoscaler), the job would wait forever
+    without an error: a `ConfigError` names the keys instead. On an autoscaling cluster more nodes arrive,
+    so nothing is refused; when Ray cannot say whether one is configured, a warning is issued (and returned).
     """
     import ray
 
+    from igds_ray.pool import READ_TASK_CPUS
+
     total = float(ray.cluster_resources().get("CPU", 0.0))
     left = total - actors * cpus_per_actor
-    if left >= 1.0:
+    if left >= READ_TASK_CPUS:
         return None
     try:
         from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
 
         autoscaling: bool | None = is_autoscaling_enabled()
-    except Exception:  # noqa: BLE001 - a private Ray API; unknown counts as "no autoscaler"
+    except Exception:  # noqa: BLE001 - a private Ray API; unknown: warn rather than refuse
         autoscaling = None
     if autoscaling:
         return None
-    msg = (
-        f"{actors} scorer actor(s) x {cpus_per_actor:g} CPU ({keys}) leave {max(left, 0.0):g} of the "
-        f"cluster's {total:g} CPUs for Ray Data's read tasks, which need 1 each, and "
-        f"{'no autoscaler is configured' if autoscaling is False else 'no autoscaler was found'}: the job may "
-        f"wait forever. Lower num_cpus (fractions are allowed) or the number of actors, or add CPUs."
-    )
+    msg = (f"{actors} scorer actor(s) x {cpus_per_actor:g} CPU ({keys}) leave {max(left, 0.0):g} of the "
+           f"cluster's {total:g} CPUs for the pool's read tasks, which need {READ_TASK_CPUS:g} each, and ")
+    if autoscaling is False:
+        raise ConfigError(msg + "no autoscaler is configured, so the job would wait forever: lower num_cpus "
+                          "(fractions are allowed) or the number of actors, or add CPUs")
+    msg += ("no autoscaler was found: the job may wait forever. Lower num_cpus (fractions are allowed) or the "
+            "number of actors, or add CPUs.")
     warnings.warn(msg, CPUStarvationWarning, stacklevel=2)
     return msg
 
@@ -568,6 +571,9 @@ def run_stage(
     if out.done() and not overwrite:
         log.info("%s is finished; skipping (overwrite=true recomputes)", out_uri)
         return out.manifest()
+    if actor_pool is not None:  # before anything is written: a refusal leaves no directory behind
+        init_ray()
+        check_cpu_headroom(*actor_pool)
     out.check_ours()  # before the lock file is created in someone else's directory
     with out.lock(f"{method} scoring") as held:
         staging = out.begin(overwrite, fingerprint=fingerprint(method, cfg, pool) if resumable else None)
@@ -582,9 +588,7 @@ def run_stage(
         t0 = time.time()
         if resumed_rows < pool.num_rows:
             init_ray()
-            if actor_pool is not None:
-                check_cpu_headroom(*actor_pool)
-            ds = build(P.read_pool(pool, pool_cfg.rows_per_read_task, done), pool)
+            ds = build(P.read_pool(pool, pool_cfg.rows_per_read_task or pool.rows_per_read_task(), done), pool)
             try:
                 ds.write_datasink(_part_sink(out.fs, staging_path), ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
                                   concurrency=write_concurrency())
