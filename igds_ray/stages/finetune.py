@@ -28,32 +28,36 @@ vLLM: `--enable-lora --lora-modules <arm>=<out>`) or the full model (`full`), th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import posixpath
-import resource
 import shutil
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
-
-import numpy as np
-import torch
+from typing import Any, Literal
 
 from igds_ray import schema as S
-from igds_ray.config import ModelConfig, _help, from_dict, to_dict
-from igds_ray.errors import ConfigError, PoolError, StageOutputError
+from igds_ray.config import ModelConfig, _help, to_dict
+from igds_ray.errors import ConfigError, StageOutputError
 from igds_ray.storage import StageDir, filesystem, join, read_json, write_json_atomic
+from igds_ray.stages.finetune_data import (  # the data path, re-exported
+    IGNORE_INDEX, Plan, Selection, TrainExample, collate, epoch_order, plan_budget, read_selection, tokenize_pairs,
+    worker_rows,
+)
+from igds_ray.stages.finetune_train import (  # the training loop, re-exported
+    TrainState, build_model, check_targets, lora_config, lr_lambda, train_loop, training_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+__all__ = ["DEFAULT_TARGETS", "FINGERPRINT_FILE", "IGNORE_INDEX", "METRICS_FILE", "FinetuneConfig", "Plan", "Selection",
+           "TrainExample", "TrainState", "build_model", "check_targets", "collate", "epoch_order", "fingerprint",
+           "lora_config", "lr_lambda", "plan_budget", "read_selection", "run", "tokenize_pairs", "train_loop",
+           "training_tokenizer", "worker_rows"]
+
+
 FINGERPRINT_FILE = "igds_finetune.json"
 METRICS_FILE = "train_metrics.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -167,426 +171,11 @@ _NOT_FINGERPRINTED = ("out", "overwrite", "max_failures", "checkpoint_every", "k
                       "run_name", "use_gpu", "cpus_per_worker", "gpus_per_worker", "log_every")
 
 
-# ---------------------------------------------------------------------------------------------
-# pure functions: tokenisation, batching, budget, order
-
-
-@dataclass(frozen=True)
-class TrainExample:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens
-
-    @property
-    def n_targets(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
-
-
-def tokenize_pairs(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_tokens: int, chat_template: bool = False
-) -> list[TrainExample]:
-    """BOS + prompt (or its chat-template form) + response + EOS, with the loss masked on the prompt.
-
-    Prompt and response are tokenized separately (as scoring does), so the boundary is exact. Over
-    `max_tokens` the start is kept; an example whose prompt fills the window has no target tokens.
-    """
-    if chat_template:
-        p_texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    else:
-        p_texts = list(prompts)
-    p_ids = tokenizer(p_texts, add_special_tokens=not chat_template, return_attention_mask=False)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = []
-    for p, r in zip(p_ids, r_ids):
-        ids = (list(p) + list(r) + eos)[:max_tokens]
-        labels = ([IGNORE_INDEX] * len(p) + list(r) + eos)[:max_tokens]
-        out.append(TrainExample(ids, labels))
-    return out
-
-
-def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on padding)."""
-    T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-@dataclass(frozen=True)
-class Plan:
-    n_rows: int
-    rows_per_step: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-    @property
-    def epochs(self) -> float:
-        return self.total_steps / self.steps_per_epoch
-
-
-def plan_budget(cfg: FinetuneConfig, n_rows: int) -> Plan:
-    """Steps per epoch and in total; refuses an arm too small for one optimizer step."""
-    per_step = cfg.rows_per_step
-    spe = n_rows // per_step
-    if spe == 0:
-        raise ConfigError(
-            f"arm {cfg.arm!r}: the selection {cfg.data} has {n_rows} row{'s' if n_rows != 1 else ''}, fewer than "
-            f"one optimizer step needs (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x num_workers "
-            f"{cfg.num_workers} = {per_step}); lower batch_size/grad_accum or select more rows"
-        )
-    total = cfg.epochs * spe if cfg.budget == "epochs" else int(cfg.max_steps or 0)
-    return Plan(n_rows, per_step, spe, total, int(round(cfg.warmup_ratio * total)))
-
-
-def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of rows (in id order) used in `epoch`: a function of (seed, epoch) only."""
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)
-
-
-def worker_rows(order: np.ndarray, step_in_epoch: int, rank: int, world: int, batch_size: int,
-                grad_accum: int) -> list[list[int]]:
-    """This worker's micro-batches (row indices) of one optimizer step."""
-    per_worker = batch_size * grad_accum
-    start = step_in_epoch * per_worker * world + rank * per_worker
-    mine = order[start : start + per_worker].tolist()
-    return [mine[m * batch_size : (m + 1) * batch_size] for m in range(grad_accum)]
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):  # noqa: ANN201
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
 def fingerprint(cfg: FinetuneConfig, n_rows: int, data_version: Any) -> dict[str, Any]:
     d = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_FINGERPRINTED}
     d["_n_rows"] = n_rows
     d["_data_version"] = data_version
     return d
-
-
-# ---------------------------------------------------------------------------------------------
-# model, tokenizer
-
-
-def training_tokenizer(model: ModelConfig) -> Any:
-    """The tokenizer, with a pad token: pad = eos (with a warning) if it has none; no eos is an error."""
-    from transformers import AutoTokenizer
-
-    src = model.tokenizer or model.name_or_path
-    try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model.trust_remote_code, revision=model.revision)
-    except Exception as e:
-        raise ConfigError(f"tokenizer {src!r}: cannot load it ({type(e).__name__}: {e})") from None
-    if tok.eos_token_id is None:
-        raise ConfigError(
-            f"tokenizer {src!r} has no EOS token: training appends EOS to every response so the model learns to "
-            "stop; give model.tokenizer a tokenizer with an eos_token"
-        )
-    if tok.pad_token_id is None:
-        # Padding is masked out of attention and loss, so the pad id only has to be a valid token.
-        warnings.warn(f"tokenizer {src!r} has no pad token; using its EOS token {tok.eos_token!r} for padding",
-                      stacklevel=2)
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
-def _model_dtype(cfg: FinetuneConfig, device: torch.device) -> ModelConfig:
-    # Full fine-tuning keeps float32 master weights (bf16 AdamW updates lose small steps); LoRA trains
-    # float32 adapters (peft's autocast_adapter_dtype) on a bf16 base on GPUs.
-    if cfg.method == "full" and cfg.model.dtype == "auto":
-        return dataclasses.replace(cfg.model, dtype="float32")
-    return cfg.model
-
-
-def lora_config(cfg: FinetuneConfig) -> Any:
-    from peft import LoraConfig
-
-    targets: Any = "all-linear" if tuple(cfg.target_modules) == ("all-linear",) else list(cfg.target_modules)
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-
-
-def build_model(cfg: FinetuneConfig, device: torch.device, resume_dir: str | None = None) -> torch.nn.Module:
-    """The trainable model in train mode: base + fresh LoRA (seeded), or + the checkpointed adapter;
-    for `full`, the base (or the checkpointed) weights."""
-    from igds_ray.models.loading import load_model
-
-    mcfg = _model_dtype(cfg, device)
-    if cfg.method == "full":
-        model = load_model(dataclasses.replace(mcfg, name_or_path=resume_dir) if resume_dir else mcfg, device)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        return model.train()
-    from peft import PeftModel, get_peft_model
-
-    base = load_model(mcfg, device)
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-        base.enable_input_require_grads()
-    if resume_dir:
-        model = PeftModel.from_pretrained(base, resume_dir, is_trainable=True)
-    else:
-        torch.manual_seed(cfg.seed)
-        model = get_peft_model(base, lora_config(cfg))
-    return model.to(device).train()
-
-
-def check_targets(cfg: FinetuneConfig) -> None:
-    """Refuse LoRA target modules the model does not have (on the meta device: no weights loaded)."""
-    if cfg.method != "lora" or tuple(cfg.target_modules) == ("all-linear",):
-        return
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        hf = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                                        revision=cfg.model.revision)
-    except Exception as e:
-        raise ConfigError(f"model {cfg.model.name_or_path!r}: cannot read its config ({type(e).__name__}: {e})") from None
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.model.trust_remote_code)
-    linear = sorted({n.rsplit(".", 1)[-1] for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)})
-    missing = [t for t in cfg.target_modules if t not in linear]
-    if len(missing) == len(cfg.target_modules):
-        raise ConfigError(
-            f"target_modules {list(cfg.target_modules)}: none is a linear layer of {type(m).__name__} "
-            f"(its linear layers: {', '.join(linear)}); or use [all-linear]"
-        )
-    if missing:
-        log.warning("target_modules %s are not in %s; LoRA adapts %s", missing, type(m).__name__,
-                    [t for t in cfg.target_modules if t not in missing])
-
-
-# ---------------------------------------------------------------------------------------------
-# selection
-
-
-@dataclass(frozen=True)
-class Selection:
-    files: list[str]  # paths inside `fs` (scheme stripped)
-    fs: Any
-    n_rows: int
-    columns: list[str]
-    version: Any  # what identifies this committed selection (its commit time)
-
-
-def read_selection(cfg: FinetuneConfig) -> Selection:
-    import pyarrow.parquet as pq
-
-    sel = StageDir(cfg.data)
-    try:
-        manifest = sel.manifest()
-    except StageOutputError:
-        raise StageOutputError(
-            f"arm {cfg.arm!r}: {cfg.data} is not a finished selection (no {S.SUCCESS}); run the select stage first"
-        ) from None
-    files = [f.split("://", 1)[-1] if "://" in f else filesystem(f)[1] for f in sel.files()]
-    n_rows, columns = 0, []
-    for f in files:
-        with sel.fs.open_input_file(f) as fh:
-            meta = pq.ParquetFile(fh).metadata
-            n_rows += meta.num_rows
-            columns = columns or list(meta.schema.to_arrow_schema().names)
-    if n_rows:
-        missing = [c for c in (cfg.prompt_column, cfg.response_column) if c not in columns]
-        if missing:
-            raise PoolError(
-                f"arm {cfg.arm!r}: the selection {cfg.data} has no column{'s' if len(missing) > 1 else ''} "
-                f"{', '.join(map(repr, missing))} (columns: {', '.join(columns)}); select with write_rows=true, "
-                "or set prompt_column/response_column"
-            )
-    return Selection(files, sel.fs, n_rows, columns, manifest.get("committed_at"))
-
-
-# ---------------------------------------------------------------------------------------------
-# the training loop (runs in every Ray Train worker)
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    tokens: int = 0  # non-padding input tokens, all workers
-    target_tokens: int = 0  # tokens with a loss, all workers
-    rows_without_targets: int = 0
-    losses: list[float] = dataclasses.field(default_factory=list)  # per optimizer step, token-weighted
-    train_s: float = 0.0  # time in the loop, summed over attempts (checkpoints included)
-    compute_s: float = 0.0  # forward + backward + optimizer only, summed over attempts
-    peak_rss_mb: float = 0.0  # rank 0 worker process, max over attempts
-    peak_gpu_mb: float = 0.0  # rank 0 torch.cuda.max_memory_allocated, max over attempts
-    resumes: list[int] = dataclasses.field(default_factory=list)  # the step each resumed attempt started from
-
-
-def _rows_in_id_order(cfg: FinetuneConfig, files: list[str], fs: Any, columns: list[str]
-                      ) -> tuple[list[str], list[str]]:
-    """Every row of the selection (each worker takes its part of every global batch itself), by id."""
-    import pyarrow.dataset as pads
-
-    t = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns) if files else None
-    if t is None or t.num_rows == 0:
-        raise StageOutputError(f"arm {cfg.arm!r}: the training dataset is empty")
-    if S.ID in t.column_names:
-        t = t.sort_by([(S.ID, "ascending")])
-    prompts = [p or "" for p in t.column(cfg.prompt_column).to_pylist()]
-    responses = [r or "" for r in t.column(cfg.response_column).to_pylist()]
-    return prompts, responses
-
-
-def _save_checkpoint(path: str, model: torch.nn.Module, tok: Any, opt: Any, sched: Any, state: TrainState) -> None:
-    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    unwrapped.save_pretrained(os.path.join(path, "model"))
-    tok.save_pretrained(os.path.join(path, "model"))
-    torch.save(opt.state_dict(), os.path.join(path, "optimizer.pt"))
-    torch.save(sched.state_dict(), os.path.join(path, "scheduler.pt"))
-    with open(os.path.join(path, "state.json"), "w") as f:
-        json.dump(dataclasses.asdict(state), f)
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
-
-    t_start = time.time()
-    cfg = from_dict(FinetuneConfig, config["cfg"])
-    plan = Plan(**config["plan"])
-    fail_after_steps = config.get("fail_after_steps")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    tok = training_tokenizer(cfg.model)
-    prompts, responses = _rows_in_id_order(cfg, config["files"], config["fs"], config["columns"])
-    if len(prompts) != plan.n_rows:
-        raise StageOutputError(f"arm {cfg.arm!r}: the selection has {len(prompts)} rows now, {plan.n_rows} at start")
-
-    state = TrainState()
-    ckpt = ray.train.get_checkpoint()
-    opt_state = sched_state = None
-    with contextlib.ExitStack() as stack:
-        ckpt_dir = stack.enter_context(ckpt.as_directory()) if ckpt else None
-        if ckpt_dir:
-            with open(os.path.join(ckpt_dir, "state.json")) as f:
-                state = TrainState(**json.load(f))
-            opt_state = torch.load(os.path.join(ckpt_dir, "optimizer.pt"), map_location=device, weights_only=True)
-            sched_state = torch.load(os.path.join(ckpt_dir, "scheduler.pt"), weights_only=True)
-            state.resumes.append(state.step)
-            log.info("arm %s: resuming from step %d (%s)", cfg.arm, state.step, ckpt_dir)
-        model = build_model(cfg, device, os.path.join(ckpt_dir, "model") if ckpt_dir else None)
-    start_step = state.step
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, plan.warmup_steps, plan.total_steps))
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-        sched.load_state_dict(sched_state)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    # Full fine-tuning on a GPU with dtype=auto: float32 master weights, bf16 matmuls. LoRA needs no
-    # autocast: peft casts the input to the float32 adapter and the result back to the base's dtype.
-    use_autocast = device.type == "cuda" and cfg.method == "full" and cfg.model.dtype == "auto"
-
-    def checkpoint_due(step: int) -> bool:
-        if step >= plan.total_steps:
-            return True
-        if cfg.checkpoint_every:
-            return step % cfg.checkpoint_every == 0
-        return step % plan.steps_per_epoch == 0
-
-    attempt_t0 = time.time()
-    while state.step < plan.total_steps:
-        t_step = time.time()
-        epoch, in_epoch = divmod(state.step, plan.steps_per_epoch)
-        state.epoch = epoch
-        micro = worker_rows(epoch_order(plan.n_rows, cfg.seed, epoch), in_epoch, rank, world, cfg.batch_size,
-                            cfg.grad_accum)
-        # Dropout masks depend on (seed, rank, step) only: a resumed run draws the same ones.
-        torch.manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + state.step)
-        batches = [tokenize_pairs(tok, [prompts[i] for i in mb], [responses[i] for i in mb], cfg.max_tokens,
-                                  cfg.chat_template) for mb in micro]
-        n_targets = sum(e.n_targets for b in batches for e in b)
-        loss_sum = 0.0
-        n_tokens = 0
-        for m, exs in enumerate(batches):
-            batch = {k: v.to(device) for k, v in collate(exs, tok.pad_token_id).items()}
-            n_tokens += int(batch["attention_mask"].sum())
-            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-            ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            sync = model.no_sync() if ddp and m < len(batches) - 1 else contextlib.nullcontext()
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
-            with sync, amp:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                tgt = batch["labels"][:, 1:]
-                keep = tgt != IGNORE_INDEX
-                # Only target positions reach the float32 cross-entropy (the vocab can be 256k wide).
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), tgt[keep], reduction="sum")
-                (loss / max(n_targets, 1)).backward()
-            loss_sum += float(loss.detach())
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        g_loss, g_targets, g_tokens, g_empty = _all_reduce(
-            [loss_sum, n_targets, n_tokens, sum(1 for b in batches for e in b if e.n_targets == 0)], device)
-        state.step += 1
-        state.compute_s += time.time() - t_step
-        state.losses.append(g_loss / g_targets if g_targets else float("nan"))
-        state.target_tokens += int(g_targets)
-        state.tokens += int(g_tokens)
-        state.rows_without_targets += int(g_empty)
-        if rank == 0 and state.step % cfg.log_every == 0:
-            log.info("arm %s step %d/%d loss %.4f lr %.2e", cfg.arm, state.step, plan.total_steps, state.losses[-1],
-                     sched.get_last_lr()[0])
-        if checkpoint_due(state.step):
-            state.epoch = (state.step - 1) // plan.steps_per_epoch
-            state.train_s += time.time() - attempt_t0
-            state.peak_rss_mb = max(state.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-            if device.type == "cuda":
-                state.peak_gpu_mb = max(state.peak_gpu_mb, torch.cuda.max_memory_allocated(device) / 2**20)
-            attempt_t0 = time.time()
-            metrics = {"step": state.step, "epoch": state.epoch, "loss": state.losses[-1]}
-            name = f"checkpoint_{state.step:08d}"
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    _save_checkpoint(d, model, tok, opt, sched, state)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=name)
-            else:
-                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        if fail_after_steps is not None and start_step == 0 and state.step >= fail_after_steps:
-            # Test hook: die like a killed process once the last checkpoint is registered.
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            log.warning("arm %s: fail_after_steps=%d reached; exiting hard (test hook)", cfg.arm, fail_after_steps)
-            os._exit(1)
-    log.info("arm %s: finished %d steps in %.1fs (this attempt)", cfg.arm, state.step - start_step,
-             time.time() - t_start)
-    return dataclasses.asdict(state)
 
 
 # ---------------------------------------------------------------------------------------------
