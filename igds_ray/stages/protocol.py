@@ -37,13 +37,30 @@ class CPUStarvationWarning(UserWarning):
     """Scorer actors reserve (nearly) every CPU of a cluster that cannot grow: the job may wait forever."""
 
 
+def _autoscaling() -> bool | None:
+    """True: the cluster can add nodes; False: it certainly cannot (a local cluster `ray.init()` started in this
+    process); None: unknown (Ray reports no autoscaling config, as for an autoscaler v1 head; private APIs)."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
+
+        if is_autoscaling_enabled():
+            return True
+        node = ray._private.worker._global_node
+        return False if node is not None and getattr(node, "ray_init_cluster", False) else None
+    except Exception:  # noqa: BLE001 - private Ray APIs: unknown
+        return None
+
+
 def check_cpu_headroom(actors: int, cpus_per_actor: float, keys: str = "min_actors × num_cpus") -> str | None:
     """Refuse, before launching anything, scorer actors that leave the pool's read tasks no CPU.
 
     A read task reserves `READ_TASK_CPUS` (a quarter CPU). When `actors × cpus_per_actor` leaves less than
-    that of the cluster's CPUs and the cluster cannot grow (no autoscaler), the job would wait forever
-    without an error: a `ConfigError` names the keys instead. On an autoscaling cluster more nodes arrive,
-    so nothing is refused; when Ray cannot say whether one is configured, a warning is issued (and returned).
+    that of the cluster's CPUs and the cluster cannot grow (a local cluster started by `ray.init()`), the job
+    would wait forever without an error: a `ConfigError` names the keys instead. On an autoscaling cluster
+    more nodes arrive, so nothing is refused; when Ray cannot say whether an autoscaler runs (a connected
+    cluster without an autoscaling config Ray Data can read), a warning is issued (and returned).
     """
     import ray
 
@@ -53,12 +70,7 @@ def check_cpu_headroom(actors: int, cpus_per_actor: float, keys: str = "min_acto
     left = total - actors * cpus_per_actor
     if left >= READ_TASK_CPUS:
         return None
-    try:
-        from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
-
-        autoscaling: bool | None = is_autoscaling_enabled()
-    except Exception:  # noqa: BLE001 - a private Ray API; unknown: warn rather than refuse
-        autoscaling = None
+    autoscaling = _autoscaling()
     if autoscaling:
         return None
     msg = (f"{actors} scorer actor(s) x {cpus_per_actor:g} CPU ({keys}) leave {max(left, 0.0):g} of the "
