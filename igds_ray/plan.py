@@ -107,12 +107,38 @@ def vllm_memory_options(num_gpus: float, prompt_tokens: int, max_new_tokens: int
     return {"max_model_len": length, "gpu_memory_utilization": round(VLLM_UTIL / per_gpu, 4)}
 
 
+def vllm_options(model: Any, prompts: list[str], references: list[str], max_new_tokens: int, num_gpus: float
+                 ) -> dict[str, Any]:
+    """`vllm_memory_options` for these prompts: `max_model_len` from the longest prompt plus the longer of the
+    generation and the longest reference (teacher-forced log-likelihood), measured with the model's tokenizer."""
+    from igds_ray.models.loading import load_tokenizer
+
+    tok = load_tokenizer(model)
+    longest = max((len(ids) for ids in tok(list(prompts))["input_ids"]), default=0)
+    ref = max((len(ids) for ids in tok(list(references), add_special_tokens=False)["input_ids"]), default=0) \
+        if references else 0
+    return vllm_memory_options(num_gpus, longest, max(max_new_tokens, ref))
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """A config dataclass's field defaults (the fields without one are left out)."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _forward_bytes(m: ModelShape, tokens: int) -> float:
     return WORKSPACE_BYTES + tokens * 2 * (INF_H * m.hidden + INF_I * m.intermediate)
 
 
 def _decode_step_s(g: GPUType, m: ModelShape, wbytes: float, batch: int, backend: str) -> float:
-    compute = 2 * m.matmul_params() * batch / (mfu("forward") * g.bf16_tflops * MATMUL_OF_DATASHEET * 1e12)
+    compute = 2 * m.matmul_params() * batch / _rate(g, "forward")
     memory = wbytes / (VLLM_BW_EFF * g.hbm_gbs * 1e9)
     step = max(compute, memory)
     return max(step, HF_STEP_S_PER_LAYER * m.layers) if backend == "hf" else step
@@ -126,7 +152,8 @@ def plan(cfg: Any, gpu: str, pool_rows: int | None = None, tokens_per_row: float
          prompt_tokens: int = 256, eval_examples: int = 1000, cluster_gpus: int | None = None,
          sae_width: int | None = None, sae_layer: int | None = None) -> Plan:
     """The memory, time and cost plan of a `RunConfig` on GPUs of type `gpu`."""
-    from igds_ray.config import to_dict
+    from igds_ray.baselines.lm import LMConfig
+    from igds_ray.stages.finetune import FinetuneConfig
 
     g = gpu_type(gpu)
     m = model_shape(cfg.model.name_or_path, cfg.model.revision)
@@ -141,7 +168,7 @@ def plan(cfg: Any, gpu: str, pool_rows: int | None = None, tokens_per_row: float
     full_w = m.params() * wb
     fwd = _rate(g, "forward")
     k_max = max(cfg.causal.k, 5 if "igds_k5" in cfg.arms else 0)
-    ft = {**to_dict(cfg.finetune)} if not isinstance(cfg.finetune, dict) else dict(cfg.finetune)
+    ft = {**_defaults(FinetuneConfig), **cfg.finetune}  # the arms' shared FinetuneConfig keys over its defaults
     gpu_h = cfg.report.price_per_gpu_hour
 
     def add(st: StagePlan, concurrent_gpus: float) -> None:
@@ -184,7 +211,7 @@ def plan(cfg: Any, gpu: str, pool_rows: int | None = None, tokens_per_row: float
                   note=f"{igds_dirs} scoring pass(es)"), sc.max_actors * sc.num_gpus)
 
     # loss / IFD: the full model over the pool (IFD twice: with and without the prompt); logits in chunks
-    lm = {**{"actors": 1, "num_gpus": 0.0, "token_budget": 16384, "max_tokens": 1024}, **cfg.baselines.get("lm", {})}
+    lm = {**_defaults(LMConfig), **cfg.baselines.get("lm", {})}
     passes = (1 if "loss" in cfg.arms else 0) + (2 if "ifd" in cfg.arms else 0) - (1 if {"loss", "ifd"} <= set(cfg.arms) else 0)
     if passes:
         need = full_w + _forward_bytes(m, lm["token_budget"]) + 3 * 256 * 2**20
@@ -193,21 +220,20 @@ def plan(cfg: Any, gpu: str, pool_rows: int | None = None, tokens_per_row: float
             lm["actors"] * lm["num_gpus"])
 
     # fine-tuning: every arm at equal epochs (full: every row; the others: the fraction)
-    method = ft.get("method", "lora")
-    bs, T = int(ft.get("batch_size", 8)), int(ft.get("max_tokens", 1024))
-    workers, gpw = int(ft.get("num_workers", 1)), float(ft.get("gpus_per_worker", 1.0)) if ft.get("use_gpu") else 0.0
+    method = ft["method"]
+    bs, T = int(ft["batch_size"]), int(ft["max_tokens"])
+    workers, gpw = int(ft["num_workers"]), float(ft["gpus_per_worker"]) if ft["use_gpu"] else 0.0
     tok_mb = bs * T
     acts = tok_mb * 2 * (ACT_H * m.hidden + ACT_I * m.intermediate)
-    acts = (tok_mb * 2 * m.hidden * m.layers + acts) if ft.get("gradient_checkpointing") else acts * m.layers
+    acts = (tok_mb * 2 * m.hidden * m.layers + acts) if ft["gradient_checkpointing"] else acts * m.layers
     logits = tok_mb * m.vocab * 4 * (LOGIT_COPIES + (1 if m.softcap else 0))
     if method == "lora":
-        state = m.params() * wb + m.lora_params(int(ft.get("lora_r", 16)), tuple(ft.get("target_modules") or
-                                                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))) * 16
+        state = m.params() * wb + m.lora_params(int(ft["lora_r"]), tuple(ft["target_modules"])) * 16
     else:
         state = m.params() * 16
-    epochs = float(ft.get("epochs", 1))
+    epochs = float(ft["epochs"])
     arm_rows = {a: rows if a == "full" else rows * cfg.fraction for a in cfg.arms}
-    flop_mult = (4 if method == "lora" else 6) + (2 if ft.get("gradient_checkpointing") else 0)
+    flop_mult = (4 if method == "lora" else 6) + (2 if ft["gradient_checkpointing"] else 0)
     ft_s = {a: n * min(tpr, T) * epochs * flop_mult * m.matmul_params() / _rate(g, method)
             for a, n in arm_rows.items()}
     add(StagePlan("finetune", "finetune.batch_size (or finetune.gradient_checkpointing: true)", gpw, workers,
@@ -249,30 +275,29 @@ def _generation_bytes(m: ModelShape, g: GPUType, wbytes: float, backend: str, nu
 
 
 def pool_stats(pool: Any, rows: int | None, tokens_per_row: float | None) -> tuple[int, float]:
-    """(rows, mean tokens per row): Parquet footers for the row count, a sample's characters / 4 for tokens."""
+    """(rows, mean tokens per row): the pool's footers (`igds_ray.pool.discover`, which also checks its columns)
+    for the row count, the first 1,000 rows' characters / 4 for tokens."""
     if rows is not None and tokens_per_row is not None:
         return int(rows), float(tokens_per_row)
     import pyarrow.parquet as pq
 
-    from igds_ray.pool import list_files
+    from igds_ray.pool import discover
 
     try:
-        fs, found = list_files(pool.path)
+        found = discover(pool.path, pool.text_columns, pool.id_column)
     except Exception as e:
-        raise ConfigError(f"pool.path {pool.path!r}: cannot list it ({type(e).__name__}: {str(e)[:200]}); pass "
+        raise ConfigError(f"pool.path {pool.path!r}: cannot read it ({type(e).__name__}: {str(e)[:200]}); pass "
                           "--pool-rows and --tokens-per-row to plan without reading it") from None
-    paths = [f[0] for f in found]
-    n = 0
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            n += pq.ParquetFile(f).metadata.num_rows
     if tokens_per_row is None:
-        with fs.open_input_file(paths[0]) as f:
-            t = pq.ParquetFile(f).read_row_group(0, columns=list(pool.text_columns))
-        sample = t.slice(0, 1000).to_pylist()
+        from igds_ray.storage import filesystem
+
+        fs, _ = filesystem(found.uri)
+        with fs.open_input_file(found.files[0].path) as f:
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=1000, columns=list(pool.text_columns)))
+        sample = batch.to_pylist()
         chars = sum(len(str(v or "")) for r in sample for v in r.values()) / max(1, len(sample))
         tokens_per_row = chars / 4.0  # ~4 characters per token for English BPE (a sample, no tokenizer download)
-    return (int(rows) if rows is not None else n), float(tokens_per_row)
+    return (int(rows) if rows is not None else found.num_rows), float(tokens_per_row)
 
 
 def cluster_gpus(path: str) -> tuple[int, str | None]:

@@ -16,6 +16,7 @@ from igds_ray.config import from_dict, load_yaml
 from igds_ray.errors import ConfigError
 from igds_ray.hardware import GIB, GPU_TYPES, KNOWN_SHAPES, model_shape, sae_shape, shape_from_config
 from igds_ray.pipeline import RunConfig
+from igds_ray.stages.finetune import DEFAULT_TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
@@ -45,7 +46,7 @@ def test_every_shipped_config_fits_every_known_gpu_type(config: str, gpu: str) -
     m = model_shape(_cfg(config).model.name_or_path)
     ft = _cfg(config).finetune
     tokens = ft["batch_size"] * ft.get("max_tokens", 1024)
-    lora = m.lora_params(ft.get("lora_r", 16), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    lora = m.lora_params(ft.get("lora_r", 16), DEFAULT_TARGETS)
     need = (m.params() * 2 + lora * 16 + tokens * 2 * m.hidden * m.layers + tokens * 2 * (14 * m.hidden + 4 * m.intermediate)
             + tokens * m.vocab * 4 * (5 if m.softcap else 4))
     assert next(s for s in p.stages if s.stage == "finetune").need_bytes == need
@@ -78,7 +79,7 @@ def test_the_plan_reproduces_the_h200_measurements() -> None:
     tokens at 7.43 GB and 174k tokens/s; the rates are calibrated there, the memory terms checked here."""
     g = shape_from_config(KNOWN_SHAPES["google/gemma-2-2b"], "test")
     tokens = 16 * 512
-    lora = g.lora_params(16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    lora = g.lora_params(16, DEFAULT_TARGETS)
     assert lora == pytest.approx(20.8e6, rel=0.01)  # the measured run's trainable parameters
     ft = g.params() * 2 + lora * 16 + tokens * g.layers * 2 * (14 * g.hidden + 4 * g.intermediate) \
         + tokens * g.vocab * 4 * 5

@@ -48,20 +48,6 @@ class NoHelpfulFeature(IGDSError, RuntimeError):
     """No candidate latent passed the causal test and no fallback was configured."""
 
 
-def vllm_options(model: Any, prompts: list[str], references: list[str], max_new_tokens: int, num_gpus: float
-                 ) -> dict[str, Any]:
-    """vLLM engine options from the memory plan (`igds_ray.plan.vllm_memory_options`): `max_model_len` from the
-    longest prompt plus the longer of the generation and the longest reference (teacher-forced log-likelihood)."""
-    from igds_ray.models.loading import load_tokenizer
-    from igds_ray.plan import vllm_memory_options
-
-    tok = load_tokenizer(model)
-    longest = max((len(ids) for ids in tok(list(prompts))["input_ids"]), default=0)
-    ref = max((len(ids) for ids in tok(list(references), add_special_tokens=False)["input_ids"]), default=0) \
-        if references else 0
-    return vllm_memory_options(num_gpus, longest, max(max_new_tokens, ref))
-
-
 class GenerationWorker:
     """A long-lived generation actor: one model (+ SAE) copy, the dev set split in parts, the task metric."""
 
@@ -78,6 +64,8 @@ class GenerationWorker:
         if backend == "hf":
             kwargs: dict[str, Any] = {"batch_size": batch_size}
         else:  # the memory plan: a context as long as the longest dev sequence, a share of the GPU per engine
+            from igds_ray.plan import vllm_options
+
             kwargs = vllm_options(mcfg, [task.build_prompt(e, template) for e in exs],
                                   [task.reference_answer(e) for e in exs] if loglik else [],
                                   int(sampling["max_new_tokens"]), num_gpus)

@@ -70,7 +70,7 @@ def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: A
                               stop=tuple(getattr(task, "stop_sequences", ()) or ()))
     if e.backend == "vllm":
         from igds_ray.generation import make_backend
-        from igds_ray.stages.causal import vllm_options
+        from igds_ray.plan import vllm_options
 
         # The memory plan: vLLM and the HF copy that reads activations never share the GPU. The engine is
         # sized to the longest test prompt and closed after generating, before the HF model loads.
