@@ -211,7 +211,7 @@ class ChunkSpec:
     row_groups: tuple[int, ...]  # indices of the row groups read
     text_columns: tuple[str, ...]
     id_column: str | None
-    skip: np.ndarray | None = None  # positions in the chunk already scored by an earlier attempt
+    skip: np.ndarray | None = None  # [start, end) runs of chunk positions an earlier attempt already scored
     rows_per_block: int = 8192
 
 
@@ -256,21 +256,33 @@ def _sliced(table: pa.Table, rows: int) -> list[pa.Table]:
 
 
 def _without(table: pa.Table, skip: np.ndarray | None) -> pa.Table:
-    """`table` less the rows at positions `skip` (rows a finished part of an earlier attempt holds)."""
+    """`table` less the rows in the [start, end) position runs `skip` (rows a finished part of an earlier
+    attempt holds)."""
     if skip is None or not len(skip):
         return table
     keep = np.ones(table.num_rows, dtype=bool)
-    keep[skip] = False
+    for a, b in skip:
+        keep[a:b] = False
     return table.filter(pa.array(keep))
+
+
+def _overlap(runs: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The parts of sorted disjoint [start, end) `runs` inside [lo, hi), shifted to start at 0."""
+    i, j = np.searchsorted(runs[:, 1], lo, side="right"), np.searchsorted(runs[:, 0], hi, side="left")
+    part = runs[i:j].copy()
+    if len(part):
+        part[:, 0] = np.maximum(part[:, 0], lo)
+        part[:, 1] = np.minimum(part[:, 1], hi)
+    return part - lo
 
 
 def make_datasource(pool: Pool, rows_per_task: int,
                     done: Mapping[str, np.ndarray] | None = None) -> "ray.data.Datasource":  # noqa: F821
     """One read task per (file, run of whole row groups of at most `rows_per_task` rows).
 
-    `done`: per pool file (relative path), the sorted row indices already scored (kept from an
-    earlier attempt); a task whose rows are all done is not created, the others drop those rows
-    right after reading, so they never reach a scorer.
+    `done`: per pool file (relative path), the rows already scored (kept from an earlier attempt) as an
+    (n, 2) array of sorted disjoint [start, end) runs; a task whose rows are all done is not created, the
+    others drop those rows right after reading, so they never reach a scorer.
     """
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -293,11 +305,12 @@ def make_datasource(pool: Pool, rows_per_task: int,
                     n = sum(f.row_groups[g] for g in groups)
                     skip = None
                     if finished is not None and len(finished):
-                        lo, hi = np.searchsorted(finished, [first, first + n])
-                        if hi - lo == n:
+                        skip = _overlap(np.asarray(finished, dtype=np.int64).reshape(-1, 2), first, first + n)
+                        if not len(skip):
+                            skip = None
+                        elif int((skip[:, 1] - skip[:, 0]).sum()) == n:
                             continue
-                        skip = (finished[lo:hi] - first).astype(np.int64) if hi > lo else None
-                    rows = n - (0 if skip is None else len(skip))
+                    rows = n - (0 if skip is None else int((skip[:, 1] - skip[:, 0]).sum()))
                     meta = BlockMetadata(num_rows=rows, size_bytes=None, input_files=[f.path], exec_stats=None)
                     spec = ChunkSpec(f.path, f.rel, first, tuple(groups), pool.text_columns, pool.id_column, skip,
                                      rows_per_task)

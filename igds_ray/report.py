@@ -185,33 +185,22 @@ def plots(run_dir: str, rows: list[dict], out_dir: str) -> list[str]:
 
 
 def composition(run_dir: str, arms: list[str], pool: Any, label_column: str) -> dict[str, dict[str, float]]:
-    """Share of each label (a pool column) in the pool and in each arm's selection, by id."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
+    """Share of each label (a pool column) in the pool and in each arm's selection, rows matched by
+    (src_file, src_row) in bounded memory (`igds_ray.labels`); a selected row the pool lacks counts as
+    "(not a pool row)"."""
+    from igds_ray.labels import PoolColumn, composition_counts
 
-    from igds_ray.storage import filesystem
-
-    fs, path = filesystem(pool.path)
-    ds = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
-    missing = [c for c in (pool.id_column, label_column) if c not in ds.schema.names]
-    if missing:
-        from igds_ray.errors import ConfigError
-
-        raise ConfigError(f"report.label_column: the pool at {pool.path} has no column {missing[0]!r}")
-    t = ds.to_table(columns=[pool.id_column, label_column]).to_pandas()
-    labels = dict(zip(t[pool.id_column].astype(str), t[label_column].astype(str)))
-    out = {"pool": t[label_column].astype(str).value_counts(normalize=True).to_dict()}
+    col = PoolColumn(pool.path, label_column, "report.label_column")
+    total = col.counts()
+    n = max(1, sum(total.values()))
+    out = {"pool": {k: v / n for k, v in total.items()}}
     for arm in arms:
         sel = join(run_dir, "selection", f"{arm}.parquet")
         if not StageDir(sel).done():
             continue
-        fs_s, _ = filesystem(sel)
-        ids = [str(i) for f in StageDir(sel).files() for i in pq.read_table(filesystem(f)[1], columns=["id"],
-                                                                             filesystem=fs_s).column("id").to_pylist()]
-        counts: dict[str, int] = {}
-        for i in ids:
-            counts[labels.get(i, "(unknown id)")] = counts.get(labels.get(i, "(unknown id)"), 0) + 1
-        out[arm] = {k: v / max(1, len(ids)) for k, v in counts.items()}
+        counts = composition_counts(sel, col)
+        k = max(1, sum(counts.values()))
+        out[arm] = {label: c / k for label, c in counts.items()}
     return out
 
 

@@ -57,6 +57,56 @@ def test_label_auroc_skips_null_labels_and_counts_unscored_rows():
     assert contrast.label_auroc([0.3, 0.4], [True, None])["auroc"] is None
 
 
+def _scores_dir(tmp_path, score, src_row, name="scores"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from igds_ray.storage import StageDir
+
+    d = StageDir(str(tmp_path / name))
+    staging = d.begin()
+    for k in range(0, len(score), 700):  # several parts, rows of two pool files in each
+        rows = np.asarray(src_row[k:k + 700])
+        pq.write_table(pa.table({"score": pa.array(score[k:k + 700], pa.float64()),
+                                 "src_file": [f"part-{r % 2}.parquet" for r in rows], "src_row": rows // 2}),
+                       f"{staging}/part-{k}.parquet")
+    d.commit(staging, {"rows": len(score)})
+    return d.uri
+
+
+def test_histogram_auroc_is_the_exact_auroc_within_its_stated_bound(tmp_path):
+    """The report's label AUROC (bounded memory: per-class histograms, rows joined by src_file/src_row)
+    against `label_auroc` on the same rows held in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from igds_ray.labels import PoolColumn, histogram_auroc
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    correct = [None if rng.random() < 0.1 else bool(rng.random() < 0.4) for _ in range(n)]
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for f in range(2):  # pool row i is row i // 2 of file i % 2
+        pq.write_table(pa.table({"correct": pa.array(correct[f::2], pa.bool_())}), pool / f"part-{f}.parquet")
+    y = np.array([c is True for c in correct])
+    continuous = rng.normal(size=n) + 0.8 * y
+    tied = np.round(continuous)  # a handful of values: every bin holds one, so the figure is exact
+    for values, exact_bound in ((continuous, False), (tied, True)):
+        score = [None if i % 97 == 0 else float(v) for i, v in enumerate(values)]
+        order = rng.permutation(n)  # the stage's rows in any order
+        d = _scores_dir(tmp_path, [score[i] for i in order], order, name=f"s{int(exact_bound)}")
+        want = contrast.label_auroc(score, correct)
+        for bins in (1 << 20, 64):
+            got = histogram_auroc(d, PoolColumn(str(pool), "correct", "report.correct_column"), bins=bins)
+            assert {k: got[k] for k in ("n_correct", "n_wrong", "n_unscored")} == \
+                {k: want[k] for k in ("n_correct", "n_wrong", "n_unscored")}
+            assert abs(got["auroc"] - want["auroc"]) <= got["auroc_max_error"] + 1e-12
+            if exact_bound:
+                assert got["auroc_max_error"] == 0.0 and got["auroc"] == pytest.approx(want["auroc"], abs=1e-12)
+        assert got["auroc_max_error"] > 0 or exact_bound  # 64 bins over continuous scores do mix values
+
+
 def test_labels_split_and_bootstrap():
     correct, rule = label_answers(np.array([1.0, 0.0, 1.0, 0.0]))
     assert correct.tolist() == [True, False, True, False] and rule.startswith("0/1 metric")
@@ -256,7 +306,7 @@ def test_igds_response_arm_scores_responses_and_tells_correct_from_wrong(world, 
     assert len(chosen) == 45 and {f"part-0.parquet:{i}" for i in range(0, 90, 3)} <= chosen
     aucs = contrast.arm_label_aurocs(str(run_dir), ["igds_response"], str(tmp_path / "pool"), "correct")
     assert aucs == [{"scores": scores_dir.name, "arms": ["igds_response"], "auroc": 1.0, "n_correct": 30,
-                     "n_wrong": 30, "n_unscored": 0}]
+                     "n_wrong": 30, "n_unscored": 0, "auroc_max_error": 0.0}]
     with pytest.raises(ConfigError, match=r"column 'prompt' of pool file part-0.parquet is (large_)?string, not bool"):
         contrast.scores_label_auroc(str(scores_dir), str(tmp_path / "pool"), "prompt")
     # The report puts that AUROC next to each IGDS scores directory.

@@ -120,7 +120,7 @@ def test_demo_config_is_a_valid_run_config(tmp_path):
     assert W.WorldSpec().key() != W.WorldSpec.quick().key() and W.WorldSpec().key() == W.WorldSpec().key()
 
 
-def test_report_composition_counts_each_arms_labels_by_id(tmp_path):
+def test_report_composition_counts_each_arms_labels_by_pool_row(tmp_path):
     """The report's label table: shares by id, from a real Parquet pool and committed selections."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -135,16 +135,18 @@ def test_report_composition_counts_each_arms_labels_by_id(tmp_path):
     kinds = ["good"] * 6 + ["bad"] * 3 + ["other"]
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(10)], "kind": kinds}), pool_dir / "part-0.parquet")
     run = tmp_path / "run"
-    for arm, ids in (("a", ["r0", "r1", "r2", "r6"]), ("b", ["r7", "r8", "r9", "r9x"])):
+    # rows matched by (src_file, src_row); row 10 is not in the pool
+    for arm, rows in (("a", [0, 1, 2, 6]), ("b", [7, 8, 9, 10])):
         d = StageDir(str(run / "selection" / f"{arm}.parquet"))
         staging = d.begin()
-        pq.write_table(pa.table({"id": ids}), f"{staging}/part.parquet")
-        d.commit(staging, {"rows": len(ids)})
+        pq.write_table(pa.table({"id": [f"r{i}" for i in rows], "src_file": ["part-0.parquet"] * 4, "src_row": rows}),
+                       f"{staging}/part.parquet")
+        d.commit(staging, {"rows": len(rows)})
     pool = PoolConfig(path=str(pool_dir))
     comp = composition(str(run), ["a", "b", "missing"], pool, "kind")
     assert comp["pool"] == pytest.approx({"good": 0.6, "bad": 0.3, "other": 0.1})
     assert comp["a"] == pytest.approx({"good": 0.75, "bad": 0.25})
-    assert comp["b"] == pytest.approx({"bad": 0.5, "other": 0.25, "(unknown id)": 0.25})
+    assert comp["b"] == pytest.approx({"bad": 0.5, "other": 0.25, "(not a pool row)": 0.25})
     assert "missing" not in comp
-    with pytest.raises(ConfigError, match="no column 'quality'"):
+    with pytest.raises(ConfigError, match="report.label_column: pool file part-0.parquet has no column 'quality'"):
         composition(str(run), ["a"], pool, "quality")

@@ -30,7 +30,7 @@ def test_a_read_task_reads_its_rows_and_skips_the_finished_ones(tmp_path) -> Non
         pq.write_table(pa.table({"id": [f"f{i}-{j}" for j in range(30)], "prompt": [f"p{j}" for j in range(30)],
                                  "response": ["r"] * 30}), tmp_path / f"part-{i}.parquet", row_group_size=10)
     pool = discover(str(tmp_path), ("prompt", "response"), "id")
-    done = {"part-1.parquet": np.array([0, 1, 2, 25], dtype=np.int64)}
+    done = {"part-1.parquet": np.array([[0, 3], [25, 26]], dtype=np.int64)}  # [start, end) runs
     tasks = make_datasource(pool, 20, done).get_read_tasks(1)
     blocks = [b for t in tasks for b in t()]
     table = pa.concat_tables(blocks)

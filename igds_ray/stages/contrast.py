@@ -422,40 +422,12 @@ def label_auroc(score: Sequence[float | None], correct: Sequence[bool | None]) -
 
 
 def scores_label_auroc(scores_dir: str, pool_path: str, correct_column: str) -> dict[str, Any]:
-    """`label_auroc` of a finished scores directory against the pool's boolean `correct_column`,
-    rows matched by (src_file, src_row). Holds one label per pool row: a report-time check for
-    labelled evaluation pools, not a pass over a production pool."""
-    import pyarrow.parquet as pq
+    """`label_auroc` of a finished scores directory against the pool's boolean `correct_column`, rows
+    matched by (src_file, src_row), from per-class score histograms in bounded memory
+    (`igds_ray.labels.histogram_auroc`, with `auroc_max_error`)."""
+    from igds_ray.labels import PoolColumn, histogram_auroc
 
-    from igds_ray.errors import StageOutputError
-    from igds_ray.pool import list_files
-    from igds_ray.schema import SCORE, SRC_FILE, SRC_ROW
-    from igds_ray.storage import StageDir, filesystem
-
-    fs, files = list_files(pool_path)
-    labels: dict[str, list[bool | None]] = {}
-    for path, rel, _size in files:
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            if correct_column not in pf.schema_arrow.names:
-                raise ConfigError(f"report.correct_column: pool file {rel} has no column {correct_column!r}")
-            col = pf.read(columns=[correct_column]).column(0)
-        if not (pa.types.is_boolean(col.type) or pa.types.is_null(col.type)):
-            raise ConfigError(f"report.correct_column: column {correct_column!r} of pool file {rel} is {col.type}, "
-                              "not boolean")
-        labels[rel] = col.to_pylist()
-    sd = StageDir(scores_dir)
-    score: list[float | None] = []
-    correct: list[bool | None] = []
-    for uri in sd.files():
-        t = pq.read_table(filesystem(uri)[1], columns=[SRC_FILE, SRC_ROW, SCORE], filesystem=sd.fs)
-        for src, row, value in zip(*(t.column(n).to_pylist() for n in (SRC_FILE, SRC_ROW, SCORE))):
-            lab = labels.get(src)
-            if lab is None or not 0 <= row < len(lab):
-                raise StageOutputError(f"{scores_dir}: scored row {src}:{row} is not a row of the pool at {pool_path}")
-            score.append(value)
-            correct.append(lab[row])
-    return label_auroc(score, correct)
+    return histogram_auroc(scores_dir, PoolColumn(pool_path, correct_column, "report.correct_column"))
 
 
 def arm_label_aurocs(run_dir: str, arms: Sequence[str], pool_path: str, correct_column: str) -> list[dict[str, Any]]:

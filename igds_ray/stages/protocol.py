@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import time
 import warnings
 from typing import Any, Callable
@@ -118,88 +119,74 @@ def write_concurrency() -> int:
     return max(2, int(ray.cluster_resources().get("CPU", 0)))
 
 
-def _part_sink(fs: "Any", staging_path: str) -> "Any":  # noqa: ANN401
+def _part_sink(fs: "Any", staging_path: str, fingerprint: str) -> "Any":  # noqa: ANN401
     """A Ray Data sink writing each write task's rows as one atomic part (`storage.write_part`),
-    named by the (src_file, src_row) keys it holds, so a retried task rewrites the same part."""
+    named by the (src_file, src_row) keys it holds, so a retried task rewrites the same part. Each part
+    carries its summary (`parts.summarize`) in its footer, and each write task returns it; the driver-side
+    sink keeps the returns (`returns`: part name -> summary)."""
     from ray.data.block import BlockAccessor
     from ray.data.datasource import Datasink
 
+    from igds_ray.stages.parts import summarize, with_summary
     from igds_ray.storage import part_name, write_part
 
     class PartSink(Datasink):
+        def __init__(self) -> None:
+            self.returns: dict[str, dict[str, Any]] = {}
+
         def get_name(self) -> str:
             return "IGDSParts"
 
-        def write(self, blocks, ctx) -> int:  # noqa: ANN001
+        def write(self, blocks, ctx) -> str:  # noqa: ANN001
             tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
             if not tables:
-                return 0
+                return "[]"
             t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-            write_part(fs, staging_path, part_name(t, (S.SRC_FILE, S.SRC_ROW)), t)
-            return t.num_rows
+            summary = summarize(t, fingerprint)
+            name = part_name(t, (S.SRC_FILE, S.SRC_ROW))
+            write_part(fs, staging_path, name, with_summary(t, summary))
+            # The runs stay in the footer (for a resume); the driver needs only the counts.
+            return json.dumps([[name, {k: v for k, v in summary.items() if k != "runs"}]])
+
+        def on_write_complete(self, write_result) -> None:  # noqa: ANN001
+            for ret in write_result.write_returns:
+                for name, summary in json.loads(ret or "[]"):
+                    self.returns[name] = summary
 
     return PartSink()
 
 
-def _finished_rows(fs: "Any", staging_path: str, pool: "Any") -> tuple[dict[str, np.ndarray], int, int]:  # noqa: ANN401
-    """(sorted finished rows per pool file, rows, parts) of the parts an earlier run of this attempt
-    left. An unreadable part is deleted (its rows are scored again); parts that overlap (which the
-    protocol never writes) discard them all."""
-    import pyarrow.parquet as pq
-    from concurrent.futures import ThreadPoolExecutor
+def _finished_rows(fs: "Any", staging_path: str, pool: "Any", fingerprint: str  # noqa: ANN401
+                   ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """(per pool file the finished rows as sorted [start, end) runs, the summaries of the kept parts by name)
+    of the parts an earlier run of this attempt left, from their footers only. A part that is unreadable,
+    has no summary or no runs (scattered rows), or holds a file the pool lacks is deleted (its rows are
+    scored again); parts that overlap (which the protocol never writes) discard them all."""
+    import posixpath
 
+    from igds_ray.stages.parts import merge_runs, read_summaries
     from igds_ray.storage import list_parts
 
     parts = list_parts(fs, staging_path)
     if not parts:
-        return {}, 0, 0
-
-    def keys(path: str) -> tuple[str, pa.Table | None]:
-        try:
-            with fs.open_input_file(path) as f:
-                return path, pq.ParquetFile(f).read(columns=[S.SRC_FILE, S.SRC_ROW])
-        except Exception as e:  # noqa: BLE001
-            log.warning("resume: part %s is unreadable (%s); its rows are scored again", path, e)
-            return path, None
-
-    with ThreadPoolExecutor(max_workers=16) as ex:
-        got = list(ex.map(keys, parts))
-    for path, t in got:
-        if t is None:
+        return {}, {}
+    files = {f.rel for f in pool.files}
+    kept: dict[str, dict[str, Any]] = {}
+    for path, s in read_summaries(fs, parts).items():
+        if (s is None or s.get("fingerprint") != fingerprint or s.get("runs") is None
+                or not set(s["runs"]) <= files):
+            log.warning("resume: part %s cannot be reused (unreadable, no summary, scattered rows or another "
+                        "pool); its rows are scored again", path)
             fs.delete_file(path)
-    tables = [t for _, t in got if t is not None]
-    if not tables:
-        return {}, 0, 0
-    t = pa.concat_tables(tables)
-    index = {f.rel: i for i, f in enumerate(pool.files)}
-    enc = t.column(S.SRC_FILE).combine_chunks().dictionary_encode()
-    rows = t.column(S.SRC_ROW).to_numpy().astype(np.int64)
-    try:
-        fidx = np.array([index[r] for r in enc.dictionary.to_pylist()], dtype=np.int64)[
-            enc.indices.to_numpy(zero_copy_only=False)]
-    except KeyError:
-        fidx = None
-    if fidx is None or len(np.unique(fidx << 40 | rows)) != len(rows):
-        log.warning("resume: the parts of %s do not fit the pool (unknown file or a row twice); starting over",
-                    staging_path)
-        for path, t in got:
-            if t is not None:
-                fs.delete_file(path)
-        return {}, 0, 0
-    order = np.lexsort((rows, fidx))  # by file, then row
-    fidx, rows = fidx[order], rows[order]
-    bounds = np.searchsorted(fidx, np.arange(len(pool.files) + 1))
-    done = {f.rel: rows[bounds[i]:bounds[i + 1]] for i, f in enumerate(pool.files) if bounds[i + 1] > bounds[i]}
-    return done, len(rows), len(tables)
-
-
-def _id_hashes(col: pa.Array) -> np.ndarray:
-    """int64 per id for counting distinct ids in bounded memory: integer ids as they are, strings by
-    Python's 64-bit hash (a collision among a billion ids has odds of about 3%: it would
-    under-count by one; `duplicate_ids` is a diagnostic, the exactly-once check uses (file, row))."""
-    if pa.types.is_integer(col.type):
-        return col.to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.fromiter((hash(v) for v in col.to_pylist()), dtype=np.int64, count=len(col))
+        else:
+            kept[posixpath.basename(path)] = s
+    done = merge_runs(kept.values())
+    if done is None:
+        log.warning("resume: the parts of %s overlap; starting over", staging_path)
+        for name in kept:
+            fs.delete_file(posixpath.join(staging_path, name))
+        return {}, {}
+    return done, kept
 
 
 def _release_frames(e: BaseException) -> None:
@@ -265,7 +252,6 @@ def run_stage(
     CPU-headroom warning (`check_cpu_headroom`). `prompts`: how prompts were written, recorded in the
     manifest with `rendered_rows` (summed from the parts' `rendered` column).
     """
-    import pyarrow.dataset as pads
 
     from igds_ray import pool as P
     from igds_ray.preflight import reachable
@@ -283,58 +269,50 @@ def run_stage(
         check_cpu_headroom(*actor_pool)
     out.check_ours()  # before the lock file is created in someone else's directory
     with out.lock(f"{method} scoring") as held:
-        staging = out.begin(overwrite, fingerprint=fingerprint(method, cfg, pool) if resumable else None)
+        fp = fingerprint(method, cfg, pool)
+        staging = out.begin(overwrite, fingerprint=fp if resumable else None)
         if staging is None:
             return out.manifest()
         staging_path = P.filesystem(staging)[1]
-        done, resumed_rows, resumed_parts = (
-            _finished_rows(out.fs, staging_path, pool) if out.resumed else ({}, 0, 0))
+        done, resumed = _finished_rows(out.fs, staging_path, pool, fp) if out.resumed else ({}, {})
+        resumed_rows = sum(int(s["rows"]) for s in resumed.values())
         if resumed_rows:
             log.info("%s: resuming; %d rows in %d finished parts are kept, %d rows left to score",
-                     out_uri, resumed_rows, resumed_parts, pool.num_rows - resumed_rows)
+                     out_uri, resumed_rows, len(resumed), pool.num_rows - resumed_rows)
         t0 = time.time()
+        sink = _part_sink(out.fs, staging_path, fp)
         if resumed_rows < pool.num_rows:
             init_ray()
             ds = build(P.read_pool(pool, pool_cfg.rows_per_read_task or pool.rows_per_read_task(), done), pool)
             try:
-                ds.write_datasink(_part_sink(out.fs, staging_path), ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
-                                  concurrency=write_concurrency())
+                ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}, concurrency=write_concurrency())
             except BaseException as e:
                 ds = None
                 _release_frames(e)
                 raise
         wall = time.time() - t0
 
-        written = pads.dataset(staging_path, format="parquet", filesystem=out.fs)
-        file_index = {f.rel: i for i, f in enumerate(pool.files)}
-        keys, ids, n_err, n_trunc, tokens, n_rendered = [], [], 0, 0, 0, 0
-        has_rendered = S.RENDERED in written.schema.names
-        for batch in written.to_batches(columns=[S.ERROR, S.TRUNCATED, S.N_TOKENS, S.SRC_FILE, S.SRC_ROW, S.ID]
-                                        + ([S.RENDERED] if has_rendered else [])):
-            if has_rendered:
-                n_rendered += int(np.asarray(batch.column(S.RENDERED).to_numpy(zero_copy_only=False)).sum())
-            n_err += batch.num_rows - batch.column(0).null_count
-            n_trunc += int(np.asarray(batch.column(1).to_numpy(zero_copy_only=False)).sum())
-            tokens += int(np.asarray(batch.column(2).to_numpy(zero_copy_only=False), dtype=np.int64).sum())
-            enc = batch.column(3).dictionary_encode()  # a few pool files per batch: look each up once
-            try:
-                per_file = np.array([file_index[r] for r in enc.dictionary.to_pylist()], dtype=np.int64)
-            except KeyError as e:
-                raise StageOutputError(f"{method} wrote a row of unknown pool file {e}: not committing {out_uri}") from None
-            f = per_file[enc.indices.to_numpy(zero_copy_only=False)]
-            keys.append(f << 40 | batch.column(4).to_numpy(zero_copy_only=False).astype(np.int64))
-            ids.append(_id_hashes(batch.column(5)))
-        allkeys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-        n_rows, n_unique = len(allkeys), len(np.unique(allkeys))
-        if n_rows != pool.num_rows or n_unique != pool.num_rows:
-            raise StageOutputError(
-                f"{method} wrote {n_rows} rows ({n_unique} distinct pool rows) for a pool of {pool.num_rows}: "
-                f"not committing {out_uri}"
-            )
-        duplicate_ids = n_rows - len(np.unique(np.concatenate(ids))) if ids else 0
+        # Exactly once, from the parts' summaries (O(parts) on the driver): this run's write returns, the
+        # resumed parts' footers, and the footer of any other part found in the attempt.
+        from igds_ray.stages.parts import Tally, check, count_duplicate_ids, read_summaries
+        from igds_ray.storage import list_parts
+
+        listed = list_parts(out.fs, staging_path)
+        names = {posixpath.basename(p): p for p in listed}
+        known = {**resumed, **sink.returns}
+        lost = sorted(set(sink.returns) - set(names))
+        if lost:
+            raise StageOutputError(f"{method}: part {lost[0]} was written but is not in {staging}: not committing")
+        unknown = read_summaries(out.fs, [p for n, p in names.items() if n not in known])
+        tally = Tally()
+        for n, p in names.items():
+            tally.add(n, known[n] if n in known else unknown[p], fp)
+        check(tally, pool, out.fs, listed, method, out_uri)
+        duplicate_ids, dup_how = count_duplicate_ids(out.fs, listed, tally.rows)
         if duplicate_ids:
             log.warning("%s: %d rows share their id with another row (each pool row is still scored once, "
                         "keyed by src_file/src_row)", out_uri, duplicate_ids)
+        n_rows = tally.rows
         manifest = {
             "stage": "score",
             "method": method,
@@ -342,16 +320,17 @@ def run_stage(
             "pool": {"uri": pool.uri, "files": [f.rel for f in pool.files], "id_column": pool.id_column,
                      "text_columns": list(pool.text_columns)},
             "rows": n_rows,
-            "errors": n_err,
-            "truncated": n_trunc,
-            "tokens": tokens,
+            "errors": tally.errors,
+            "truncated": tally.truncated,
+            "tokens": tally.tokens,
             "duplicate_ids": duplicate_ids,
+            "duplicate_ids_counted": dup_how,
             "resumed_rows": resumed_rows,
-            "resumed_parts": resumed_parts,
+            "resumed_parts": len(resumed),
             "scored_rows": n_rows - resumed_rows,
             "wall_s": round(wall, 3),
         }
         if prompts is not None:
-            manifest["prompts"] = {**prompts, "rendered_rows": n_rendered}
+            manifest["prompts"] = {**prompts, "rendered_rows": tally.rendered}
         held.check()
         return out.commit(staging, manifest)
