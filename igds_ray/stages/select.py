@@ -4,9 +4,12 @@ Order: score descending; equal scores by a seeded hash of the id (`tie_seed`), s
 a tie block at the cutoff are kept is a seeded draw, not the lowest ids or the first files; then by
 id and source position (`src_file`, `src_row`), so that even rows sharing an id are ranked the same
 way on every run. Rows with an `error` have no score and are never selected. The pool is never
-collected on the driver: Ray Data sorts the (id, score, tie key, src) columns in a distributed sort,
-the chosen rows are fetched back from the pool file by file, and the facts about zeros and ties are
-counted per block by tasks (the driver adds up one small tuple per block). A small scores directory
+collected on the driver, and the scored rows are never sorted as a whole: histogram passes over the
+score's order key (then, inside a single score, over the tie key) narrow the range that holds the
+cutoff row until at most `BOUNDARY_ROWS` rows remain, which are fetched and sorted to find it exactly
+(the driver adds up one histogram per block, a chunk of blocks at a time); each block then keeps the
+rows up to that cutoff as a stream, and only the kept rows are sorted (Ray Data) to number their ranks.
+The chosen rows are fetched back from the pool file by file. A small scores directory
 (`local_max_rows`, 200k rows by default) is ranked in this process instead, with the same order and
 the same output: a Ray Data job costs 10-25 s of start-up, which dominates a small selection.
 
@@ -122,21 +125,6 @@ def _add_rank(t: pa.Table, start: int) -> pa.Table:
 
 
 @_remote
-def _count_equal(t: pa.Table, values: list[float]) -> list[int]:
-    """Rows of one block whose score equals each of `values` (exactly)."""
-    col = t.column(S.SCORE)
-    return [int(pc.sum(pc.equal(col, v)).as_py() or 0) for v in values]
-
-
-def _count_blocks(refs: list[Any], values: list[float]) -> list[int]:
-    """`_count_equal` over blocks, added up: one small list per block reaches the driver."""
-    import ray
-
-    per_block = ray.get([_count_equal.remote(r, values) for r in refs])
-    return [int(sum(c[j] for c in per_block)) for j in range(len(values))]
-
-
-@_remote
 def _last_row(t: pa.Table) -> dict:
     return t.slice(t.num_rows - 1, 1).to_pylist()[0]
 
@@ -227,8 +215,122 @@ def _select_local(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any]
     return out.commit(staging, _manifest(cfg, smanifest, n_scored, n_keep, n_zero, cutoff, tie_block, t0, "local"))
 
 
+# ---------------------------------------------------------------------------------------------
+# the distributed path: the exact cutoff from histograms, a filter, a sort of the kept rows only
+
+BINS = 4096  # histogram bins per refinement pass
+BOUNDARY_ROWS = 1_000_000  # rows of the boundary range the driver may fetch and sort (bounded memory)
+
+
+def order_key(score: np.ndarray) -> np.ndarray:
+    """uint64 per finite score, ascending in the selection's order (higher scores first; 0.0 and -0.0 equal)."""
+    bits = (np.asarray(score, np.float64) + 0.0).view(np.uint64)  # + 0.0: -0.0 becomes 0.0
+    up = np.where(bits >> np.uint64(63) == 1, ~bits, bits | np.uint64(1 << 63))  # ascending in the score
+    return ~up
+
+
+def _keys(t: pa.Table, level: int) -> np.ndarray:
+    if level == 0:
+        return order_key(t.column(S.SCORE).to_numpy())
+    return t.column(TIE).to_numpy().astype(np.uint64)
+
+
+def _in_range(t: pa.Table, eq: int | None, level: int, lo: int, hi: int) -> np.ndarray:
+    """Rows in the candidate range: key `level` in [lo, hi] (and the score key equal to `eq` at level 1)."""
+    k = _keys(t, level)
+    m = (k >= np.uint64(lo)) & (k <= np.uint64(hi))
+    if eq is not None:
+        m &= _keys(t, 0) == np.uint64(eq)
+    return m
+
+
+@_remote
+def _stats(t: pa.Table) -> tuple[int, int, int, int]:
+    """(rows, rows scoring exactly 0, min and max order key) of one block."""
+    if not t.num_rows:
+        return 0, 0, 1 << 64, -1
+    k = _keys(t, 0)
+    return t.num_rows, int(pc.sum(pc.equal(t.column(S.SCORE), 0.0)).as_py() or 0), int(k.min()), int(k.max())
+
+
+@_remote
+def _hist(t: pa.Table, eq: int | None, level: int, lo: int, hi: int, width: int) -> np.ndarray:
+    """Rows of one block per bin of `width` keys from `lo`, in the candidate range."""
+    m = _in_range(t, eq, level, lo, hi)
+    b = ((_keys(t, level)[m] - np.uint64(lo)) // np.uint64(width)).astype(np.int64)
+    return np.bincount(b, minlength=-(-(hi - lo + 1) // width))
+
+
+@_remote
+def _fetch_range(t: pa.Table, eq: int | None, level: int, lo: int, hi: int) -> pa.Table:
+    return t.filter(pa.array(_in_range(t, eq, level, lo, hi)))
+
+
+@_remote
+def _key_range(t: pa.Table, eq: int) -> tuple[int, int]:
+    """(min, max) tie key of the rows whose score key is `eq`."""
+    k = _keys(t, 1)[_keys(t, 0) == np.uint64(eq)]
+    return (int(k.min()), int(k.max())) if len(k) else (1 << 64, -1)
+
+
+def _gather(tasks: list[Any], add: Any, chunk: int = 256) -> Any:  # noqa: ANN401
+    """Fold task results into `add` a chunk at a time: the driver holds at most `chunk` results."""
+    import ray
+
+    acc = None
+    for i in range(0, len(tasks), chunk):
+        for r in ray.get(tasks[i:i + chunk]):
+            acc = r if acc is None else add(acc, r)
+    return acc
+
+
+def _cutoff_row(refs: list[Any], k: int, n: int, lo: int, hi: int, boundary_rows: int) -> dict[str, Any]:
+    """The k-th row (1-based) in SORT_KEYS order among the `n` rows of `refs`, never holding more than
+    `boundary_rows` rows: histogram passes narrow the range of the score's order key that holds it (and,
+    inside one score, of the tie key) until it fits, then that range is fetched and sorted."""
+    import ray
+
+    eq, level, below, count = None, 0, 0, n
+    while True:
+        if count <= boundary_rows or (level == 1 and lo == hi):  # the last: one id > boundary_rows times
+            part = pa.concat_tables(ray.get([_fetch_range.remote(r, eq, level, lo, hi) for r in refs]))
+            top = part.take(pc.sort_indices(part, sort_keys=SORT_KEYS))
+            return top.slice(k - below - 1, 1).to_pylist()[0]
+        if lo == hi:  # every candidate has this exact score: order them by the tie key
+            eq, level = lo, 1
+            lo, hi = _gather([_key_range.remote(r, eq) for r in refs], lambda a, b: (min(a[0], b[0]), max(a[1], b[1])))
+            continue
+        width = -(-(hi - lo + 1) // BINS)
+        counts = _gather([_hist.remote(r, eq, level, lo, hi, width) for r in refs], lambda a, b: a + b)
+        j = int(np.searchsorted(np.cumsum(counts), k - below))  # the bin holding the k-th row
+        below += int(counts[:j].sum())
+        count = int(counts[j])
+        lo, hi = lo + j * width, min(hi, lo + (j + 1) * width - 1)
+
+
+def _keep_upto(t: pa.Table, cut: dict[str, Any]) -> pa.Table:
+    """The rows of a block at or before the cutoff row in SORT_KEYS order."""
+    k0, k1 = _keys(t, 0), _keys(t, 1)
+    c0, c1 = order_key(np.array([cut[S.SCORE]]))[0], np.uint64(cut[TIE])
+    keep = (k0 < c0) | ((k0 == c0) & (k1 < c1))
+    same = np.flatnonzero((k0 == c0) & (k1 == c1))  # the cutoff's own id (and any row sharing id and score)
+    if len(same):
+        rest = t.take(pa.array(same)).select([S.ID, S.SRC_FILE, S.SRC_ROW]).to_pylist()
+        last = (cut[S.ID], cut[S.SRC_FILE], cut[S.SRC_ROW])
+        for i, r in zip(same, rest):
+            keep[i] = (r[S.ID], r[S.SRC_FILE], r[S.SRC_ROW]) <= last
+    return t.filter(pa.array(keep))
+
+
+@_remote
+def _cmp_counts(t: pa.Table, c0: int) -> np.ndarray:
+    """[rows scoring above, rows scoring exactly] the cutoff score, in one block."""
+    k = _keys(t, 0)
+    return np.array([int((k < np.uint64(c0)).sum()), int((k == np.uint64(c0)).sum())])
+
+
 def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out: StageDir, staging: str,
-            held: Any) -> dict[str, Any]:
+            held: Any, boundary_rows: int | None = None) -> dict[str, Any]:
     import ray
 
     from igds_ray.stages.score import init_ray
@@ -240,32 +342,35 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
         columns=[S.ID, cfg.score_column, S.SRC_FILE, S.SRC_ROW],
         filesystem=scores.fs,
     )
-    # `limit` after `sort` must see the sorted blocks in order, or the top-n would not be exact. The
-    # dataset's own context (a copy of the global one, shared by the datasets derived from it) is
-    # set, never Ray's global DataContext.
-    ds.context.execution_options.preserve_order = True
     scored = ds.map_batches(_scored_only, fn_kwargs={"column": cfg.score_column, "max_score": cfg.max_score,
                                                      "tie_seed": cfg.tie_seed},
                             batch_format="pyarrow", batch_size=None).materialize()
-    n_scored = scored.count()
+    refs = scored.to_arrow_refs()
+    n_scored, n_zero, lo, hi = _gather([_stats.remote(r) for r in refs],
+                                       lambda a, b: (a[0] + b[0], a[1] + b[1], min(a[2], b[2]), max(a[3], b[3])))
     n_keep = keep_count(n_scored, cfg.fraction, cfg.n)
     cutoff = tie_block = None
     ranked = scored.limit(0).drop_columns([TIE])
     if n_keep:
-        top = scored.sort([k for k, _ in SORT_KEYS], descending=[d == "descending" for _, d in SORT_KEYS]
-                          ).limit(n_keep).materialize()
-        refs = top.to_arrow_refs()
-        sizes = ray.get([_num_rows.remote(r) for r in refs])
+        cut = _cutoff_row(refs, n_keep, n_scored, lo, hi, BOUNDARY_ROWS if boundary_rows is None else boundary_rows)
+        c0 = int(order_key(np.array([cut[S.SCORE]]))[0])
+        above, equal = _gather([_cmp_counts.remote(r, c0) for r in refs], lambda a, b: a + b)
+        tie_block = {"rows": int(equal), "kept": n_keep - int(above)}
+        kept = ray.data.from_arrow_refs(refs).map_batches(_keep_upto, fn_kwargs={"cut": cut},
+                                                          batch_format="pyarrow", batch_size=None)
+        # Only the ranked blocks must come back in order (their ranks are counted from it): the order is
+        # set on this dataset's own context, never on Ray's global DataContext.
+        kept.context.execution_options.preserve_order = True
+        top = kept.sort([k for k, _ in SORT_KEYS], descending=[d == "descending" for _, d in SORT_KEYS]).materialize()
+        top_refs = top.to_arrow_refs()
+        sizes = ray.get([_num_rows.remote(r) for r in top_refs])
+        if sum(sizes) != n_keep:
+            raise AssertionError(f"selection kept {sum(sizes)} rows, not {n_keep}")  # the cutoff's definition broke
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
-        ranked_refs = [_add_rank.remote(r, st) for r, st in zip(refs, starts)]
+        ranked_refs = [_add_rank.remote(r, st) for r, st in zip(top_refs, starts)]
         last = ray.get(_last_row.remote(ranked_refs[max(i for i, n in enumerate(sizes) if n)]))
         cutoff = {"score": last[S.SCORE], "id": last[S.ID], "rank": last[S.RANK]}
         ranked = ray.data.from_arrow_refs(ranked_refs)
-        n_zero, tie_rows = _count_blocks(scored.to_arrow_refs(), [0.0, float(last[S.SCORE])])
-        (tie_kept,) = _count_blocks(refs, [float(last[S.SCORE])])
-        tie_block = {"rows": tie_rows, "kept": tie_kept}
-    else:
-        (n_zero,) = _count_blocks(scored.to_arrow_refs(), [0.0])
     if cfg.write_rows and n_keep:
         pool_cfg = smanifest["pool"]
         # One group per pool file: each file is opened once, however its rows rank.
