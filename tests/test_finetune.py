@@ -12,6 +12,7 @@ import os
 # The controller polls its workers every 2 s by default: most of a tiny run's wall time.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -294,3 +295,37 @@ def test_full_finetune_saves_a_model(small_run, world):
     assert set(after) == set(before)
     assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"],
                            before["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the streaming data path (issue 12, part 4)
+
+
+@pytest.mark.parametrize("local_max_rows", [10**6, 0], ids=["driver", "ray_data"])
+def test_token_shards_hold_exactly_the_examples_in_id_order(ray_local, world, ft, tmp_path, monkeypatch,
+                                                           local_max_rows):
+    """The shards a worker maps give, row by row, the examples tokenize_pairs makes of the selection
+    sorted by id (the in-memory path they replaced): same batches, same training. Several shards (5
+    rows each on the driver; Ray Data's blocks otherwise), from a selection written in rank order."""
+    from igds_ray.stages import finetune_tokens as T
+    from igds_ray.stages.finetune_data import read_selection, tokenize_pairs
+    from igds_ray.stages.finetune_train import training_tokenizer
+
+    monkeypatch.setattr(T, "SHARD_ROWS", 5)
+    _, cfg = ft
+    c = cfg("big", "tok", max_tokens=24)  # short enough that some responses are cut
+    sel = read_selection(c)
+    tok = training_tokenizer(c.model)
+    m = T.build(c, sel, str(tmp_path / "run"), tok, local_max_rows=local_max_rows)
+    assert m["rows"] == 48 and m["tokenized_in"] == ("local" if local_max_rows else "ray_data")
+    assert len(m["shards"]) >= (10 if local_max_rows else 2)
+    rows = pd.read_parquet(sel_path := c.data).sort_values(S.ID)
+    want = tokenize_pairs(tok, list(rows["prompt"]), list(rows["response"]), 24)
+    shards = T.TokenShards(str(tmp_path / "run" / T.TOKENS_DIR))
+    assert shards.n_rows == 48
+    order = list(np.random.default_rng(0).permutation(48))
+    assert shards.examples(order) == [want[i] for i in order]
+    assert any(e.n_targets < len(e.input_ids) - 1 for e in want) and sel_path
+    # A committed token directory is reused (a resumed run tokenises nothing).
+    again = T.build(c, sel, str(tmp_path / "run"), tok, local_max_rows=local_max_rows)
+    assert again["committed_at"] == m["committed_at"]

@@ -1,10 +1,12 @@
 """Fine-tune the base model on one arm's selection: Ray Train (V2) `TorchTrainer` + transformers + peft.
 
-Data: every worker reads the arm's whole selection (`<run>/selection/<arm>.parquet/`, committed with
-`_SUCCESS`; its files as listed when the run started) with pyarrow, local or object store; each
-worker sorts the rows by id and takes its part of every global batch from one seeded permutation per
-epoch (the DistributedSampler pattern). The order therefore depends only on (rows, seed, epoch,
-batch geometry), never on block or worker timing, and a resumed run continues at exactly the batch it stopped at.
+Data (`finetune_tokens`): the arm's selection (`<run>/selection/<arm>.parquet/`, committed with
+`_SUCCESS`) is tokenised once per training run, in (id, src_file, src_row) order, into memory-mappable
+shards under `<storage_path>/<run_name>/tokens/` (in the driver for a small selection, by a Ray Data CPU
+stage for a large one). Every worker maps them and reads only the rows of its own part of each global
+batch, taken from one seeded permutation per epoch (the DistributedSampler pattern). The order therefore
+depends only on (rows, seed, epoch, batch geometry), never on block or worker timing, and a resumed run
+continues at exactly the batch it stopped at.
 
 Loss: next-token cross-entropy on the response tokens (+ EOS) only; prompt tokens and padding are
 labelled -100. The loss of an optimizer step is the sum over its target tokens divided by their
@@ -42,6 +44,7 @@ from igds_ray import schema as S
 from igds_ray.config import ModelConfig, _help, to_dict
 from igds_ray.errors import ConfigError, StageOutputError
 from igds_ray.storage import StageDir, filesystem, join, read_json, write_json_atomic
+from igds_ray.stages import finetune_tokens
 from igds_ray.stages.finetune_data import (  # the data path, re-exported
     IGNORE_INDEX, Plan, Selection, TrainExample, collate, epoch_order, plan_budget, read_selection, tokenize_pairs,
     worker_rows,
@@ -255,25 +258,24 @@ def run(cfg: FinetuneConfig, fail_after_steps: int | None = None) -> dict[str, A
     t0 = time.time()
     sel = read_selection(cfg)
     plan = plan_budget(cfg, sel.n_rows)
-    training_tokenizer(cfg.model)
+    tok = training_tokenizer(cfg.model)
     check_targets(cfg)
     # Claimed before training: an output directory that igds may not clear fails now, not after hours.
     staging = out.begin(overwrite=True)
     assert staging is not None
     run_uri = _prepare_run_dir(cfg, fingerprint(cfg, sel.n_rows, sel.version))
 
+    # Tokenised once per run, in id order, into memory-mappable shards the workers share (a resumed run
+    # reuses them): no worker holds the selection (`finetune_tokens`).
+    tokens = finetune_tokens.build(cfg, sel, run_uri, tok)
     init_ray()
-    cols = [c for c in (S.ID, cfg.prompt_column, cfg.response_column) if c in sel.columns]
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        # Every worker reads the whole selection itself (pyarrow, from the committed files): it needs
-        # every row anyway, and a Ray Data read per arm cost 15-30 s of start-up on the driver and in
-        # each worker for what is one small Parquet read (BENCHMARKS.md, fine-tuning).
         train_loop_config={"cfg": to_dict(cfg), "plan": dataclasses.asdict(plan), "fail_after_steps": fail_after_steps,
-                           "files": sel.files, "fs": sel.fs, "columns": cols},
+                           "tokens": join(run_uri, finetune_tokens.TOKENS_DIR)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -306,6 +308,7 @@ def run(cfg: FinetuneConfig, fail_after_steps: int | None = None) -> dict[str, A
         "rows_per_step": plan.rows_per_step,
         "rows_unused_per_epoch": plan.n_rows - plan.steps_per_epoch * plan.rows_per_step,
         "rows_without_targets": state.rows_without_targets,
+        "tokenized_in": tokens.get("tokenized_in"),
         "tokens": state.tokens,
         "target_tokens": state.target_tokens,
         "first_loss": first,

@@ -146,18 +146,3 @@ def read_selection(cfg: FinetuneConfig) -> Selection:
                 "or set prompt_column/response_column"
             )
     return Selection(files, sel.fs, n_rows, columns, manifest.get("committed_at"))
-
-
-def _rows_in_id_order(cfg: FinetuneConfig, files: list[str], fs: Any, columns: list[str]
-                      ) -> tuple[list[str], list[str]]:
-    """Every row of the selection (each worker takes its part of every global batch itself), by id."""
-    import pyarrow.dataset as pads
-
-    t = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns) if files else None
-    if t is None or t.num_rows == 0:
-        raise StageOutputError(f"arm {cfg.arm!r}: the training dataset is empty")
-    if S.ID in t.column_names:
-        t = t.sort_by([(S.ID, "ascending")])
-    prompts = [p or "" for p in t.column(cfg.prompt_column).to_pylist()]
-    responses = [r or "" for r in t.column(cfg.response_column).to_pylist()]
-    return prompts, responses

@@ -21,7 +21,7 @@ import torch
 from igds_ray.config import ModelConfig, from_dict
 from igds_ray.errors import ConfigError, StageOutputError
 from igds_ray.stages.finetune_data import (
-    IGNORE_INDEX, Plan, _rows_in_id_order, collate, epoch_order, tokenize_pairs, worker_rows,
+    IGNORE_INDEX, Plan, collate, epoch_order, worker_rows,
 )
 if TYPE_CHECKING:
     from igds_ray.stages.finetune import FinetuneConfig
@@ -178,9 +178,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     tok = training_tokenizer(cfg.model)
-    prompts, responses = _rows_in_id_order(cfg, config["files"], config["fs"], config["columns"])
-    if len(prompts) != plan.n_rows:
-        raise StageOutputError(f"arm {cfg.arm!r}: the selection has {len(prompts)} rows now, {plan.n_rows} at start")
+    from igds_ray.stages.finetune_tokens import TokenShards
+
+    shards = TokenShards(config["tokens"])  # memory-mapped: this worker reads only the rows of its batches
+    if shards.n_rows != plan.n_rows:
+        raise StageOutputError(f"arm {cfg.arm!r}: the tokenised selection has {shards.n_rows} rows, the plan "
+                               f"{plan.n_rows}")
+    epoch_perm: tuple[int, Any] = (-1, None)  # one seeded permutation per epoch, computed once
 
     state = TrainState()
     ckpt = ray.train.get_checkpoint()
@@ -223,12 +227,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         t_step = time.time()
         epoch, in_epoch = divmod(state.step, plan.steps_per_epoch)
         state.epoch = epoch
-        micro = worker_rows(epoch_order(plan.n_rows, cfg.seed, epoch), in_epoch, rank, world, cfg.batch_size,
-                            cfg.grad_accum)
+        if epoch_perm[0] != epoch:
+            epoch_perm = (epoch, epoch_order(plan.n_rows, cfg.seed, epoch))
+        micro = worker_rows(epoch_perm[1], in_epoch, rank, world, cfg.batch_size, cfg.grad_accum)
         # Dropout masks depend on (seed, rank, step) only: a resumed run draws the same ones.
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + state.step)
-        batches = [tokenize_pairs(tok, [prompts[i] for i in mb], [responses[i] for i in mb], cfg.max_tokens,
-                                  cfg.chat_template) for mb in micro]
+        batches = [shards.examples(mb) for mb in micro]
         n_targets = sum(e.n_targets for b in batches for e in b)
         loss_sum = 0.0
         n_tokens = 0
