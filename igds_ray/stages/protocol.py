@@ -119,7 +119,12 @@ def write_concurrency() -> int:
     return max(2, int(ray.cluster_resources().get("CPU", 0)))
 
 
-def _part_sink(fs: "Any", staging_path: str, fingerprint: str) -> "Any":  # noqa: ANN401
+# Parts per stage, at most about this many: write tasks gather at least rows / MAX_PARTS rows each, so
+# the driver's part summaries (about 270 bytes each) stay a few MB at a billion rows.
+MAX_PARTS = 20_000
+
+
+def _part_sink(fs: "Any", staging_path: str, fingerprint: str, min_rows: int | None = None) -> "Any":  # noqa: ANN401
     """A Ray Data sink writing each write task's rows as one atomic part (`storage.write_part`),
     named by the (src_file, src_row) keys it holds, so a retried task rewrites the same part. Each part
     carries its summary (`parts.summarize`) in its footer, and each write task returns it; the driver-side
@@ -136,6 +141,10 @@ def _part_sink(fs: "Any", staging_path: str, fingerprint: str) -> "Any":  # noqa
 
         def get_name(self) -> str:
             return "IGDSParts"
+
+        @property
+        def min_rows_per_write(self) -> "int | None":
+            return min_rows
 
         def write(self, blocks, ctx) -> str:  # noqa: ANN001
             tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
@@ -280,7 +289,8 @@ def run_stage(
             log.info("%s: resuming; %d rows in %d finished parts are kept, %d rows left to score",
                      out_uri, resumed_rows, len(resumed), pool.num_rows - resumed_rows)
         t0 = time.time()
-        sink = _part_sink(out.fs, staging_path, fp)
+        min_rows = -(-pool.num_rows // MAX_PARTS)
+        sink = _part_sink(out.fs, staging_path, fp, min_rows if min_rows > 1 else None)
         if resumed_rows < pool.num_rows:
             init_ray()
             ds = build(P.read_pool(pool, pool_cfg.rows_per_read_task or pool.rows_per_read_task(), done), pool)
