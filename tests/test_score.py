@@ -165,7 +165,17 @@ def test_micro_batches_respect_budget():
 def scored(world, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "scores"
     cfg = make_cfg(world, pooling="max", out=out, batch_size=16, max_actors=2, pool={"rows_per_read_task": 25})
-    return cfg, score.run(cfg)
+    return cfg, score.run(cfg, hooks={"forward_log": str(out.parent / "forward")})
+
+
+def test_tokenisation_runs_in_the_cpu_stage_before_the_actors(scored):
+    """Every batch reached a scorer actor already tokenised (issue 12, part 6); each row once."""
+    from igds_ray.stages.scorer import forward_log_prepared
+
+    cfg, _ = scored
+    log_dir = str(Path(cfg.out).parent / "forward")
+    assert score.read_forward_log(log_dir) == (200, 200)
+    assert forward_log_prepared(log_dir) == {True}
 
 
 def test_ray_job_scores_every_row_once(world, scored):

@@ -171,8 +171,6 @@ def _finished_rows(fs: "Any", staging_path: str, pool: "Any", fingerprint: str  
     of the parts an earlier run of this attempt left, from their footers only. A part that is unreadable,
     has no summary or no runs (scattered rows), or holds a file the pool lacks is deleted (its rows are
     scored again); parts that overlap (which the protocol never writes) discard them all."""
-    import posixpath
-
     from igds_ray.stages.parts import merge_runs, read_summaries
     from igds_ray.storage import list_parts
 

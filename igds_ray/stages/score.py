@@ -80,6 +80,13 @@ def run(cfg: ScoreConfig, fail_after_batches: int | None = None,
               "task": task}
 
     def build(ds, pool):  # noqa: ANN001, ANN202
+        from igds_ray.pool import READ_TASK_CPUS
+        from igds_ray.stages.scorer import prepare_batch
+
+        # Checks, template rendering and tokenisation run in a CPU stage before the scorer actors (fused
+        # with the read tasks, at their quarter CPU), so an actor's time goes to the model.
+        ds = ds.map_batches(prepare_batch, fn_kwargs={"cfg": kwargs["cfg"], "task": task}, batch_size=cfg.batch_size,
+                            batch_format="pyarrow", num_cpus=READ_TASK_CPUS)
         return ds.map_batches(
             FeatureScorer,
             fn_constructor_kwargs=kwargs,

@@ -109,6 +109,75 @@ def scored_schema(id_type: pa.DataType) -> pa.Schema:
     return S.scores_schema(id_type).append(pa.field(S.RENDERED, pa.bool_()))
 
 
+# Columns the CPU stage adds for the scorer actors (dropped before anything is written).
+PREP_IDS, PREP_POS, PREP_TRUNC, PREP_ERR, PREP_RENDERED = "_input_ids", "_positions", "_truncated", "_error", "_rendered"
+
+
+class ScorePrep:
+    """The CPU half of scoring: a block of pool rows checked, rendered into the task template when asked,
+    and tokenised into the positions the scorer reads. Runs in a CPU stage before the scorer actors
+    (`prepare_batch`), so a GPU actor's time goes to the model; `FeatureScorer` also runs it in process on
+    a table that has not been through that stage."""
+
+    def __init__(self, cfg: ScoreConfig, task: Any = None) -> None:
+        c = self.cfg = cfg
+        mode = prompt_mode(c)
+        self.renderer = (PromptRenderer(task if task is not None else build_task(c), c.pool.template_index, mode)
+                         if mode in ("auto", "task") else None)
+        self.builder = ExampleBuilder(load_tokenizer(c.model), c.pooling, c.max_tokens, c.pool.chat_template)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        c = self.cfg
+        n = table.num_rows
+        errors: list[str | None] = table.column(S.INPUT_ERROR).to_pylist()
+        cols = {name: table.column(name).to_pylist() for name in c.pool.text_columns}
+        for i in range(n):
+            if errors[i] is None:
+                for name in c.pool.text_columns:
+                    if name == c.pool.response_column and c.pooling in PROMPT_POOLINGS and not c.pool.text_column:
+                        continue  # the response is not read by `last`/`prompt_*`; an empty one is allowed
+                    if not cols[name][i].strip():
+                        errors[i] = f"{name} is empty or whitespace only"
+                        break
+        ok = [i for i in range(n) if errors[i] is None]
+        rendered = [False] * n
+        if c.pool.text_column:
+            built = self.builder.build_text([cols[c.pool.text_column][i] for i in ok])
+        else:
+            prompts = [cols[c.pool.prompt_column][i] for i in ok]
+            if self.renderer is not None:
+                prompts, flags = self.renderer.render(prompts)
+                for i, f in zip(ok, flags):
+                    rendered[i] = f
+            built = self.builder.build_pairs(prompts, [cols[c.pool.response_column][i] for i in ok])
+        rows, examples = split_built(ok, built, errors)
+        ids: list[list[int] | None] = [None] * n
+        pos: list[list[int] | None] = [None] * n
+        trunc = [False] * n
+        for i, e in zip(rows, examples):
+            ids[i], pos[i], trunc[i] = e.input_ids, e.positions, e.truncated
+        return pa.table({
+            S.ID: table.column(S.ID), S.SRC_FILE: table.column(S.SRC_FILE), S.SRC_ROW: table.column(S.SRC_ROW),
+            PREP_IDS: pa.array(ids, pa.list_(pa.int32())), PREP_POS: pa.array(pos, pa.list_(pa.int32())),
+            PREP_TRUNC: pa.array(trunc, pa.bool_()), PREP_ERR: pa.array(errors, pa.string()),
+            PREP_RENDERED: pa.array(rendered, pa.bool_()),
+        })
+
+
+_PREP: dict[str, ScorePrep] = {}  # per worker process: the tokenizer is loaded once, not once per block
+
+
+def prepare_batch(table: pa.Table, cfg: dict[str, Any], task: Any = None) -> pa.Table:  # noqa: ANN401
+    """`ScorePrep` as a Ray Data task function (fused with the pool's read tasks: a CPU stage)."""
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    prep = _PREP.get(key)
+    if prep is None:
+        if len(_PREP) >= 4:
+            _PREP.clear()
+        prep = _PREP[key] = ScorePrep(from_dict(ScoreConfig, cfg), task)
+    return prep(table)
+
+
 class FeatureScorer:
     """Ray Data callable class: one model + SAE per actor, loaded once in `__init__`."""
 
@@ -116,11 +185,11 @@ class FeatureScorer:
                  hooks: dict[str, Any] | None = None, task: Any = None) -> None:
         self.cfg = cfg if isinstance(cfg, ScoreConfig) else from_dict(ScoreConfig, cfg)
         c = self.cfg
-        mode = prompt_mode(c)
         # The driver passes the task it built (a task registered only in the driver process still
-        # reaches the actor, pickled); in process it is built here.
-        self.renderer = (PromptRenderer(task if task is not None else build_task(c), c.pool.template_index, mode)
-                         if mode in ("auto", "task") else None)
+        # reaches the actor, pickled); in process it is built here (`ScorePrep`, only for a table that did
+        # not come through the CPU stage).
+        self._task = task
+        self._prep: ScorePrep | None = None
         device = resolve_device(c.model.device)
         if device.type == "cpu" and c.num_cpus >= 1:
             torch.set_num_threads(max(1, int(c.num_cpus)))
@@ -131,7 +200,6 @@ class FeatureScorer:
         # input preprocessing's vectors) go to the device.
         model = load_model(c.model, device, layers=self.layer + 1)
         sae = load_sae(c.sae, torch.device("cpu"))
-        self.builder = ExampleBuilder(self.tokenizer, c.pooling, c.max_tokens, c.pool.chat_template)
         self.acts = PooledFeatureActs(
             LayerRunner(model, self.layer, prune=True),
             FeatureEncoder(sae, [f.index for f in feats], compact=True).to(device),
@@ -163,36 +231,25 @@ class FeatureScorer:
         if self._stall_after is not None and self._batches > self._stall_after:
             time.sleep(24 * 3600)
         before = self.acts.rows_forwarded
+        prepared = PREP_IDS in table.column_names  # tokenised by the CPU stage, not here
         out = self.score_table(table)
         if self._forward_log:
-            _log_forward(self._forward_log, table.num_rows, self.acts.rows_forwarded - before)
+            _log_forward(self._forward_log, table.num_rows, self.acts.rows_forwarded - before, prepared)
         return out
 
     def score_table(self, table: pa.Table) -> pa.Table:
-        c = self.cfg
+        """A block of pool rows (or of `ScorePrep`'s output) scored."""
+        if PREP_IDS not in table.column_names:
+            if self._prep is None:
+                self._prep = ScorePrep(self.cfg, self._task)
+            table = self._prep(table)
         n = table.num_rows
-        errors: list[str | None] = table.column(S.INPUT_ERROR).to_pylist()
-        cols = {name: table.column(name).to_pylist() for name in c.pool.text_columns}
-        for i in range(n):
-            if errors[i] is None:
-                for name in c.pool.text_columns:
-                    if name == c.pool.response_column and c.pooling in PROMPT_POOLINGS and not c.pool.text_column:
-                        continue  # the response is not read by `last`/`prompt_*`; an empty one is allowed
-                    if not cols[name][i].strip():
-                        errors[i] = f"{name} is empty or whitespace only"
-                        break
-        ok = [i for i in range(n) if errors[i] is None]
-        rendered = [False] * n
-        if c.pool.text_column:
-            built = self.builder.build_text([cols[c.pool.text_column][i] for i in ok])
-        else:
-            prompts = [cols[c.pool.prompt_column][i] for i in ok]
-            if self.renderer is not None:
-                prompts, flags = self.renderer.render(prompts)
-                for i, f in zip(ok, flags):
-                    rendered[i] = f
-            built = self.builder.build_pairs(prompts, [cols[c.pool.response_column][i] for i in ok])
-        rows, examples = split_built(ok, built, errors)
+        errors: list[str | None] = table.column(PREP_ERR).to_pylist()
+        rendered = table.column(PREP_RENDERED).to_pylist()
+        rows = [i for i in range(n) if errors[i] is None]
+        ids, pos = table.column(PREP_IDS).to_pylist(), table.column(PREP_POS).to_pylist()
+        trunc = table.column(PREP_TRUNC).to_pylist()
+        examples = [Example(ids[i], pos[i], trunc[i]) for i in rows]
         score = [None] * n
         acts: list[list[float] | None] = [None] * n
         n_tokens = [0] * n
@@ -228,11 +285,11 @@ class FeatureScorer:
 HOOKS_ENV = "IGDS_TEST_HOOKS"  # JSON test hooks for a scoring job run from the CLI (read on the driver)
 
 
-def _log_forward(log_dir: str, rows: int, forwarded: int) -> None:
+def _log_forward(log_dir: str, rows: int, forwarded: int, prepared: bool = False) -> None:
     os.makedirs(log_dir, exist_ok=True)
     fd = os.open(os.path.join(log_dir, f"{os.getpid()}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, f"{rows} {forwarded}\n".encode())  # one small O_APPEND write: never interleaved
+        os.write(fd, f"{rows} {forwarded} {int(prepared)}\n".encode())  # one small O_APPEND write: never interleaved
     finally:
         os.close(fd)
 
@@ -244,9 +301,18 @@ def read_forward_log(log_dir: str) -> tuple[int, int]:
         for name in os.listdir(log_dir):
             with open(os.path.join(log_dir, name)) as f:
                 for line in f:
-                    a, b = line.split()
+                    a, b = line.split()[:2]
                     rows, fwd = rows + int(a), fwd + int(b)
     return rows, fwd
+
+
+def forward_log_prepared(log_dir: str) -> set[bool]:
+    """Whether the batches in a `forward_log` directory reached the scorers tokenised (by the CPU stage)."""
+    out = set()
+    for name in os.listdir(log_dir):
+        with open(os.path.join(log_dir, name)) as f:
+            out |= {line.split()[2] == "1" for line in f if len(line.split()) > 2}
+    return out
 
 
 def resolve_hooks(hooks: dict[str, Any] | None = None) -> dict[str, Any]:
