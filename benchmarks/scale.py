@@ -77,7 +77,8 @@ def child(what: str, world: Path, pool: Path, out: Path, scores: Path | None = N
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed:\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # the result is the last JSON line (Ray or a library may print to stdout too)
+    return json.loads(next(ln for ln in reversed(proc.stdout.strip().splitlines()) if ln.startswith("{")))
 
 
 def per_file_costs(pool_dir: Path) -> dict:
@@ -127,16 +128,23 @@ def main() -> None:
             make_pool(pool, rows, files)
             print(f"[scale] {size}: pool generated in {time.time() - t:.0f} s", flush=True)
         out = work / f"scores-{size}"
-        if out.exists():
-            import shutil
+        cached = work / f"score-result-{size}.json"  # a rerun reuses a finished measurement of this size
+        if cached.exists() and (out / "_SUCCESS").exists():
+            r = json.loads(cached.read_text())
+            print(f"[scale] {size}: score measurement reused from {cached}", flush=True)
+        else:
+            if out.exists():
+                import shutil
 
-            shutil.rmtree(out)
-        r = {"size": size, "rows": rows, "files": files, **per_file_costs(pool)}
-        s = child("score", world, pool, out)
-        r.update(score_wall_s=round(s["wall"], 1), score_rows_per_s=round(rows / s["wall"], 1),
-                 score_parts=s["parts"], score_driver_before_mib=round(s["base_rss"] / MIB, 1),
-                 score_driver_peak_mib=round(s["peak_rss"] / MIB, 1), duplicate_ids_counted=s["duplicate_ids_counted"])
-        print(f"[scale] {size}: scored in {s['wall']:.0f} s, driver peak {s['peak_rss'] / MIB:.0f} MiB", flush=True)
+                shutil.rmtree(out)
+            r = {"size": size, "rows": rows, "files": files, **per_file_costs(pool)}
+            s = child("score", world, pool, out)
+            r.update(score_wall_s=round(s["wall"], 1), score_rows_per_s=round(rows / s["wall"], 1),
+                     score_parts=s["parts"], score_driver_before_mib=round(s["base_rss"] / MIB, 1),
+                     score_driver_peak_mib=round(s["peak_rss"] / MIB, 1),
+                     duplicate_ids_counted=s["duplicate_ids_counted"])
+            cached.write_text(json.dumps(r))
+            print(f"[scale] {size}: scored in {s['wall']:.0f} s, driver peak {s['peak_rss'] / MIB:.0f} MiB", flush=True)
         if size in args.select_sizes.split(","):
             sel = work / f"selection-{size}"
             if sel.exists():

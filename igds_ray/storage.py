@@ -167,7 +167,11 @@ def write_part(fs: pafs.FileSystem, dir_path: str, name: str, table: pa.Table) -
 
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    data = buf.getvalue()
+    return write_whole(fs, dir_path, name, buf.getvalue())
+
+
+def write_whole(fs: pafs.FileSystem, dir_path: str, name: str, data: Any) -> str:  # noqa: ANN401
+    """Write `data` (bytes or a pyarrow Buffer) to `dir_path/name` so that it appears whole or not at all."""
     final = posixpath.join(dir_path, name)
     if is_local(fs):
         tmp = posixpath.join(dir_path, f".{name}.{uuid.uuid4().hex}.tmp")

@@ -164,12 +164,14 @@ def test_micro_batches_respect_budget():
 @pytest.fixture(scope="module")
 def scored(world, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "scores"
-    cfg = make_cfg(world, pooling="max", out=out, batch_size=16, max_actors=2, pool={"rows_per_read_task": 25})
+    cfg = make_cfg(world, pooling="max", out=out, batch_size=16, max_actors=2, pool={"rows_per_read_task": 25},
+                   tokenize_in="stage")
     return cfg, score.run(cfg, hooks={"forward_log": str(out.parent / "forward")})
 
 
 def test_tokenisation_runs_in_the_cpu_stage_before_the_actors(scored):
-    """Every batch reached a scorer actor already tokenised (issue 12, part 6); each row once."""
+    """With `tokenize_in: stage` (auto's choice for GPU actors) every batch reached a scorer actor already
+    tokenised (issue 12, part 6); each row once. The CPU-actor default tokenises in the actor."""
     from igds_ray.stages.scorer import forward_log_prepared
 
     cfg, _ = scored

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
 import tempfile
 import uuid
 from typing import Any, Sequence, TYPE_CHECKING
@@ -64,21 +63,12 @@ def tokenize_table(t: pa.Table, tok: Any, cfg: "FinetuneConfig") -> pa.Table:  #
 
 
 def _write_shard(fs: Any, dir_path: str, name: str, table: pa.Table) -> None:  # noqa: ANN401
-    from igds_ray.storage import is_local
+    from igds_ray.storage import write_whole
 
     buf = pa.BufferOutputStream()
     with pa.ipc.new_file(buf, SCHEMA) as w:
         w.write_table(table.select(SCHEMA.names).cast(SCHEMA))
-    data = buf.getvalue()
-    final = posixpath.join(dir_path, name)
-    if is_local(fs):
-        tmp = posixpath.join(dir_path, f".{name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
-    else:
-        with fs.open_output_stream(final) as f:
-            f.write(data)
+    write_whole(fs, dir_path, name, buf.getvalue())
 
 
 def build(cfg: "FinetuneConfig", sel: "Selection", run_uri: str, tok: Any, local_max_rows: int | None = None  # noqa: ANN401

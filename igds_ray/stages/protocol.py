@@ -86,7 +86,7 @@ def check_cpu_headroom(actors: int, cpus_per_actor: float, keys: str = "min_acto
 
 
 _RUNTIME_KEYS = frozenset({"overwrite", "out", "batch_size", "token_budget", "min_actors", "max_actors", "actors",
-                           "num_cpus", "num_gpus"})
+                           "num_cpus", "num_gpus", "tokenize_in"})
 
 
 def fingerprint(method: str, cfg: Any, pool: "Any") -> str:  # noqa: ANN401

@@ -83,10 +83,13 @@ def run(cfg: ScoreConfig, fail_after_batches: int | None = None,
         from igds_ray.pool import READ_TASK_CPUS
         from igds_ray.stages.scorer import prepare_batch
 
-        # Checks, template rendering and tokenisation run in a CPU stage before the scorer actors (fused
-        # with the read tasks, at their quarter CPU), so an actor's time goes to the model.
-        ds = ds.map_batches(prepare_batch, fn_kwargs={"cfg": kwargs["cfg"], "task": task}, batch_size=cfg.batch_size,
-                            batch_format="pyarrow", num_cpus=READ_TASK_CPUS)
+        # Checks, template rendering and tokenisation run in a CPU stage before the scorer actors, so a GPU
+        # actor's time goes to the model. Block by block (no batch_size): Ray Data then fuses it into the
+        # read tasks, at their quarter CPU. With CPU actors (`auto`) they stay in the actor: on 2 CPUs the
+        # stage cost 20% (20 files) to 38% (4,000 files) of the wall time (BENCHMARKS.md, "Scale").
+        if cfg.tokenize_in == "stage" or (cfg.tokenize_in == "auto" and cfg.num_gpus > 0):
+            ds = ds.map_batches(prepare_batch, fn_kwargs={"cfg": kwargs["cfg"], "task": task}, batch_size=None,
+                                batch_format="pyarrow", num_cpus=READ_TASK_CPUS)
         return ds.map_batches(
             FeatureScorer,
             fn_constructor_kwargs=kwargs,
