@@ -1,7 +1,7 @@
 """Scale: does anything on the driver grow with the pool's rows or files? (issue 12)
 
-    nice python benchmarks/scale.py [--sizes 100000x20,1000000x20,5000000x20,100000x4000] [--work DIR]
-                                    [--select-sizes 5000000x20] [--json OUT]
+    nice python benchmarks/scale.py [--sizes 100000x20,100000x4000,1000000x20,10000000x20] [--work DIR]
+                                    [--select-sizes 1000000x20,10000000x20] [--json OUT]
 
 For each `ROWSxFILES` size, in a fresh driver process with its own local Ray (2 CPUs here), with the tiny
 world's model and SAE (`build_world`) and a generated pool (`load_1m.make_pool`, kept under `--work` so a
@@ -107,8 +107,8 @@ def per_file_costs(pool_dir: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="100000x20,1000000x20,5000000x20,100000x4000")
-    p.add_argument("--select-sizes", default="5000000x20", help="sizes also selected (distributed path)")
+    p.add_argument("--sizes", default="100000x20,100000x4000,1000000x20,10000000x20")
+    p.add_argument("--select-sizes", default="1000000x20,10000000x20", help="sizes also selected (distributed path)")
     p.add_argument("--work", help="keep pools and outputs here (default: a temp dir)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
@@ -145,7 +145,7 @@ def main() -> None:
                      duplicate_ids_counted=s["duplicate_ids_counted"])
             cached.write_text(json.dumps(r))
             print(f"[scale] {size}: scored in {s['wall']:.0f} s, driver peak {s['peak_rss'] / MIB:.0f} MiB", flush=True)
-        if size in args.select_sizes.split(","):
+        if size in args.select_sizes.split(",") and "select_wall_s" not in r:
             sel = work / f"selection-{size}"
             if sel.exists():
                 import shutil
@@ -154,6 +154,7 @@ def main() -> None:
             q = child("select", world, pool, sel, out)
             r.update(select_wall_s=round(q["wall"], 1), select_rows_per_s=round(rows / q["wall"], 1),
                      select_rows=q["rows"], select_driver_peak_mib=round(q["peak_rss"] / MIB, 1))
+            cached.write_text(json.dumps(r))
             print(f"[scale] {size}: selected {q['rows']} rows in {q['wall']:.0f} s, driver peak "
                   f"{q['peak_rss'] / MIB:.0f} MiB", flush=True)
         part = next(iter(sorted(out.glob("*.parquet"))))

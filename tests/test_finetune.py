@@ -306,19 +306,21 @@ def test_token_shards_hold_exactly_the_examples_in_id_order(ray_local, world, ft
                                                            local_max_rows):
     """The shards a worker maps give, row by row, the examples tokenize_pairs makes of the selection
     sorted by id (the in-memory path they replaced): same batches, same training. Several shards (5
-    rows each on the driver; Ray Data's blocks otherwise), from a selection written in rank order."""
+    rows each on the driver, 7-row blocks in Ray Data), from a selection written in rank order."""
     from igds_ray.stages import finetune_tokens as T
     from igds_ray.stages.finetune_data import read_selection, tokenize_pairs
     from igds_ray.stages.finetune_train import training_tokenizer
 
-    monkeypatch.setattr(T, "SHARD_ROWS", 5)
+    monkeypatch.setattr(T, "SHARD_ROWS", 5)  # the driver's shards
+    monkeypatch.setattr(T, "BLOCK_ROWS", 7)  # Ray Data's tokenised blocks, one shard each
+    monkeypatch.setattr(T, "TOKENIZE_ROWS", 3)  # chunks inside a block
     _, cfg = ft
     c = cfg("big", "tok", max_tokens=24)  # short enough that some responses are cut
     sel = read_selection(c)
     tok = training_tokenizer(c.model)
     m = T.build(c, sel, str(tmp_path / "run"), tok, local_max_rows=local_max_rows)
     assert m["rows"] == 48 and m["tokenized_in"] == ("local" if local_max_rows else "ray_data")
-    assert len(m["shards"]) >= (10 if local_max_rows else 2)
+    assert len(m["shards"]) >= (10 if local_max_rows else 3)
     rows = pd.read_parquet(sel_path := c.data).sort_values(S.ID)
     want = tokenize_pairs(tok, list(rows["prompt"]), list(rows["response"]), 24)
     shards = T.TokenShards(str(tmp_path / "run" / T.TOKENS_DIR))

@@ -12,7 +12,7 @@ tokenised per row), so the batches, and the trained weights, are those of the ea
 - A selection of at most `LOCAL_MAX_ROWS` rows is tokenised in the driver (a Ray Data job costs 10-25 s
   of start-up, which dominates a small arm); a larger one by Ray Data: a sort by those keys, then
   `map_batches` on CPU actors that load the tokenizer once, each block written as a shard by the write
-  task that receives it (the driver orders the shards by their first key: O(shards)).
+  task that receives it (the driver orders the shards by their first row's keys: O(shards)).
 - A worker maps the shards (a remote run directory is first copied to the worker's local disk): pages,
   not a Python list of every row; it computes one seeded permutation per epoch and keeps it for the epoch.
 - A resumed run reuses the committed shards (same run, same fingerprint).
@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import uuid
+from collections import OrderedDict
 from typing import Any, Sequence, TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 TOKENS_DIR = "tokens"
 SHARD_ROWS = 65536  # rows per shard (driver path)
+BLOCK_ROWS = 16384  # rows per tokenised block, and so at most per shard (Ray Data path)
+OPEN_SHARDS = 256  # memory maps a worker keeps open (least recently used closed first)
 LOCAL_MAX_ROWS = 200_000  # selections tokenised in the driver; larger ones by Ray Data
 SUFFIX = ".arrow"
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("n_prompt", pa.int32())])
@@ -53,13 +56,21 @@ def order_keys(columns: Sequence[str]) -> list[str]:
     return [c for c in (S.ID, S.SRC_FILE, S.SRC_ROW) if c in columns]
 
 
+TOKENIZE_ROWS = 1024  # rows tokenised at a time: the Python lists of one chunk are all that is held
+
+
 def tokenize_table(t: pa.Table, tok: Any, cfg: "FinetuneConfig") -> pa.Table:  # noqa: ANN401
-    prompts = [p or "" for p in t.column(cfg.prompt_column).to_pylist()]
-    responses = [r or "" for r in t.column(cfg.response_column).to_pylist()]
-    exs = tokenize_pairs(tok, prompts, responses, cfg.max_tokens, cfg.chat_template)
-    n_prompt = [next((i for i, v in enumerate(e.labels) if v != IGNORE_INDEX), len(e.labels)) for e in exs]
-    return pa.table({"input_ids": pa.array([e.input_ids for e in exs], pa.list_(pa.int32())),
-                     "n_prompt": pa.array(n_prompt, pa.int32())}, schema=SCHEMA)
+    """`input_ids` and `n_prompt` of each row (`tokenize_pairs`), a chunk of rows at a time."""
+    parts = []
+    for lo in range(0, t.num_rows, TOKENIZE_ROWS):
+        c = t.slice(lo, TOKENIZE_ROWS)
+        prompts = [p or "" for p in c.column(cfg.prompt_column).to_pylist()]
+        responses = [r or "" for r in c.column(cfg.response_column).to_pylist()]
+        exs = tokenize_pairs(tok, prompts, responses, cfg.max_tokens, cfg.chat_template)
+        n_prompt = [next((i for i, v in enumerate(e.labels) if v != IGNORE_INDEX), len(e.labels)) for e in exs]
+        parts.append(pa.table({"input_ids": pa.array([e.input_ids for e in exs], pa.list_(pa.int32())),
+                               "n_prompt": pa.array(n_prompt, pa.int32())}, schema=SCHEMA))
+    return pa.concat_tables(parts).combine_chunks() if parts else SCHEMA.empty_table()
 
 
 def _write_shard(fs: Any, dir_path: str, name: str, table: pa.Table) -> None:  # noqa: ANN401
@@ -126,9 +137,11 @@ class _Tokenize:
 
     def __call__(self, t: pa.Table) -> pa.Table:
         out = tokenize_table(t, self.tok, self.cfg)
-        # The first key of the block, to order the shards; a JSON string so that any id type round-trips.
-        first = json.dumps([t.column(k)[0].as_py() for k in self.keys]) if t.num_rows and self.keys else "[]"
-        return out.append_column("_first", pa.array([first] * t.num_rows, pa.string()))
+        # Each row keeps its order keys, so that whichever way Ray Data cuts the output into blocks, a
+        # shard's first row says where it goes.
+        for i, k in enumerate(self.keys):
+            out = out.append_column(f"_key{i}", t.column(k))
+        return out
 
 
 def _shard_sink(fs: Any, staging_path: str) -> Any:  # noqa: ANN401
@@ -150,7 +163,8 @@ def _shard_sink(fs: Any, staging_path: str) -> Any:  # noqa: ANN401
                     continue
                 name = f"shard-{uuid.uuid4().hex}{SUFFIX}"
                 _write_shard(fs, staging_path, name, t)
-                done.append([json.loads(t.column("_first")[0].as_py()), name, t.num_rows])
+                first = [t.column(c)[0].as_py() for c in t.column_names if c.startswith("_key")]
+                done.append([first, name, t.num_rows])
             return json.dumps(done)
 
         def on_write_complete(self, write_result) -> None:  # noqa: ANN001
@@ -172,7 +186,7 @@ def _build_ray(cfg: "FinetuneConfig", sel: "Selection", cols: list[str], keys: l
     if keys:
         ds = ds.sort(keys)
     ds = ds.map_batches(_Tokenize, fn_constructor_kwargs={"cfg": to_dict(cfg), "keys": keys},
-                        batch_format="pyarrow", batch_size=None, num_cpus=1, concurrency=(1, 4))
+                        batch_format="pyarrow", batch_size=BLOCK_ROWS, num_cpus=1, concurrency=(1, 4))
     sink = _shard_sink(fs, staging_path)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     if keys:
@@ -202,13 +216,17 @@ class TokenShards:
         rows = [int(s["rows"]) for s in manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         self.n_rows = int(self.starts[-1])
-        self._open: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
     def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if i not in self._open:
+        if i in self._open:
+            self._open.move_to_end(i)
+        else:
             t = pa.ipc.open_file(pa.memory_map(self.paths[i], "r")).read_all()  # zero-copy over the mapping
             ids = t.column("input_ids").combine_chunks()
             self._open[i] = (ids.offsets.to_numpy(), ids.values.to_numpy(), t.column("n_prompt").to_numpy())
+            while len(self._open) > OPEN_SHARDS:  # a file descriptor per open map: stay under the limits
+                self._open.popitem(last=False)
         return self._open[i]
 
     def examples(self, rows: Sequence[int]) -> list[TrainExample]:

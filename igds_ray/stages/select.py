@@ -347,7 +347,8 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
                             batch_format="pyarrow", batch_size=None).materialize()
     refs = scored.to_arrow_refs()
     n_scored, n_zero, lo, hi = _gather([_stats.remote(r) for r in refs],
-                                       lambda a, b: (a[0] + b[0], a[1] + b[1], min(a[2], b[2]), max(a[3], b[3])))
+                                       lambda a, b: (a[0] + b[0], a[1] + b[1], min(a[2], b[2]), max(a[3], b[3]))
+                                       ) or (0, 0, 1 << 64, -1)  # no blocks at all
     n_keep = keep_count(n_scored, cfg.fraction, cfg.n)
     cutoff = tie_block = None
     ranked = scored.limit(0).drop_columns([TIE])
