@@ -84,8 +84,8 @@ def run(cfg: ScoreConfig, fail_after_batches: int | None = None,
         from igds_ray.stages.scorer import prepare_batch
 
         # Checks, template rendering and tokenisation run in a CPU stage before the scorer actors, so a GPU
-        # actor's time goes to the model. Block by block (no batch_size): Ray Data then fuses it into the
-        # read tasks, at their quarter CPU. With CPU actors (`auto`) they stay in the actor: on 2 CPUs the
+        # actor's time goes to the model. Block by block (no batch_size), at the read tasks' quarter CPU, so
+        # Ray Data may fuse it into them (a batch size stops that). With CPU actors (`auto`) they stay in the actor: on 2 CPUs the
         # stage cost 20% (20 files) to 38% (4,000 files) of the wall time (BENCHMARKS.md, "Scale").
         if cfg.tokenize_in == "stage" or (cfg.tokenize_in == "auto" and cfg.num_gpus > 0):
             ds = ds.map_batches(prepare_batch, fn_kwargs={"cfg": kwargs["cfg"], "task": task}, batch_size=None,

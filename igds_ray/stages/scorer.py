@@ -168,7 +168,8 @@ _PREP: dict[str, ScorePrep] = {}  # per worker process: the tokenizer is loaded 
 
 
 def prepare_batch(table: pa.Table, cfg: dict[str, Any], task: Any = None) -> pa.Table:  # noqa: ANN401
-    """`ScorePrep` as a Ray Data task function (fused with the pool's read tasks: a CPU stage)."""
+    """`ScorePrep` as a Ray Data task function: a CPU stage before the scorer actors (Ray Data may fuse it into the
+    pool's read tasks)."""
     key = json.dumps(cfg, sort_keys=True, default=str)
     prep = _PREP.get(key)
     if prep is None:
