@@ -40,7 +40,6 @@ import psutil, ray
 what, world, pool, out, scores = sys.argv[1:6]
 ray.init(num_cpus=int(os.environ.get("SCALE_CPUS", "2")), include_dashboard=False, logging_level="ERROR",
          log_to_driver=False)
-ray.data.DataContext.get_current().enable_progress_bars = False
 proc = psutil.Process()
 samples, done = [], threading.Event()
 def sample():
@@ -74,7 +73,8 @@ MIB = 2 ** 20
 
 def child(what: str, world: Path, pool: Path, out: Path, scores: Path | None = None) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, what, str(world), str(pool), str(out), str(scores or "")],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})  # the child's Ray Data only
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed:\n{proc.stderr[-5000:]}")
     # the result is the last JSON line (Ray or a library may print to stdout too)

@@ -80,8 +80,10 @@ def joined(stage_uri: str, pool: PoolColumn, columns: Sequence[str] = (), strict
         files = t.column(S.SRC_FILE).combine_chunks().dictionary_encode()
         idx = files.indices.to_numpy(zero_copy_only=False)
         rows = t.column(S.SRC_ROW).to_numpy()
+        by_file = np.argsort(idx, kind="stable")  # one sort, not a scan of the part per file
+        bounds = np.searchsorted(idx[by_file], np.arange(len(files.dictionary) + 1))
         for i, rel in enumerate(files.dictionary.to_pylist()):
-            at = np.flatnonzero(idx == i)
+            at = by_file[bounds[i]:bounds[i + 1]]
             col = pool.file(rel)
             r = rows[at]
             bad = col is None or (len(r) and (r.min() < 0 or r.max() >= len(col)))
@@ -101,10 +103,11 @@ def composition_counts(stage_uri: str, pool: PoolColumn, unknown: str = "(not a 
     """Rows per label value (as text) among a stage's rows."""
     out: dict[str, int] = {}
     for _, vals, _ in joined(stage_uri, pool, strict=False):
-        text = pc.cast(vals, pa.string()).to_pylist() if vals.type != pa.null() else [None] * len(vals)
-        for v in text:
+        text = pc.cast(vals, pa.string()) if vals.type != pa.null() else pa.nulls(len(vals), pa.string())
+        vc = pc.value_counts(text)
+        for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
             k = unknown if v is None else v
-            out[k] = out.get(k, 0) + 1
+            out[k] = out.get(k, 0) + c
     return out
 
 

@@ -14,7 +14,8 @@ directory, so a retried task rewrites the same part. A rerun of an interrupted j
 fingerprint keeps the finished parts and reads and scores only the rows they lack (the read tasks
 drop the finished rows; a read task whose rows are all finished is not created); the manifest
 records `resumed_rows`, `resumed_parts`, `scored_rows`. Before commit every pool (src_file,
-src_row) must be present exactly once; `duplicate_ids` counts rows sharing an id.
+src_row) must be present exactly once, checked from the parts' summaries (`stages.parts`: counts and an
+order-independent checksum, O(parts) on the driver); `duplicate_ids` counts rows sharing an id.
 
 Why not Ray Data's own checkpointing (`DataContext.checkpoint_config`, `CheckpointConfig`; beta in
 Ray 2.60): it filters rows right after the read by an `id_column` whose values "must be unique

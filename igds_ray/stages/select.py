@@ -330,7 +330,7 @@ def _cmp_counts(t: pa.Table, c0: int) -> np.ndarray:
 
 
 def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out: StageDir, staging: str,
-            held: Any, boundary_rows: int | None = None) -> dict[str, Any]:
+            held: Any) -> dict[str, Any]:
     import ray
 
     from igds_ray.stages.score import init_ray
@@ -353,7 +353,7 @@ def _select(cfg: SelectConfig, scores: StageDir, smanifest: dict[str, Any], out:
     cutoff = tie_block = None
     ranked = scored.limit(0).drop_columns([TIE])
     if n_keep:
-        cut = _cutoff_row(refs, n_keep, n_scored, lo, hi, BOUNDARY_ROWS if boundary_rows is None else boundary_rows)
+        cut = _cutoff_row(refs, n_keep, n_scored, lo, hi, BOUNDARY_ROWS)
         c0 = int(order_key(np.array([cut[S.SCORE]]))[0])
         above, equal = _gather([_cmp_counts.remote(r, c0) for r in refs], lambda a, b: a + b)
         tie_block = {"rows": int(equal), "kept": n_keep - int(above)}
