@@ -76,7 +76,8 @@ def joined(stage_uri: str, pool: PoolColumn, columns: Sequence[str] = (), strict
 
     sd = StageDir(stage_uri)
     for uri in sd.files():
-        t = pq.read_table(filesystem(uri)[1], columns=[S.SRC_FILE, S.SRC_ROW, *columns], filesystem=sd.fs)
+        extra = [c for c in columns if c not in (S.SRC_FILE, S.SRC_ROW)]
+        t = pq.read_table(filesystem(uri)[1], columns=[S.SRC_FILE, S.SRC_ROW, *extra], filesystem=sd.fs)
         files = t.column(S.SRC_FILE).combine_chunks().dictionary_encode()
         idx = files.indices.to_numpy(zero_copy_only=False)
         rows = t.column(S.SRC_ROW).to_numpy()

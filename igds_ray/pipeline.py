@@ -39,6 +39,7 @@ from igds_ray.config import (
     to_dict,
 )
 from igds_ray.ledger import Record, read_all, record
+from igds_ray.stages.cards import CardsConfig
 from igds_ray.stages.contrast import ContrastConfig
 from igds_ray.stages.evaluate import EvalConfig
 from igds_ray.storage import StageDir, exists, join, read_json, write_json_atomic
@@ -92,6 +93,8 @@ class RunConfig:
                                      default_factory=dict)
     evaluate: EvalConfig = _help("evaluation", default_factory=EvalConfig)
     report: ReportOptions = _help("report prices", default_factory=ReportOptions)
+    cards: CardsConfig = _help("feature cards (report/cards.json, rendered into report.html)",
+                               default_factory=CardsConfig)
     no_recall_candidates: int = _help("random latents searched by the igds_no_recall ablation", default=0)
     contrast: ContrastConfig = _help("latents telling correct answers from wrong ones (the igds_response arm)",
                                      default_factory=ContrastConfig)
@@ -477,6 +480,14 @@ class Pipeline:
         if failed:
             ev["arms"].update({a: {"status": "failed", "error": err} for a, err in failed.items()})
             write_json_atomic(join(c.run_dir, "eval", "metrics.json"), ev)
+        if c.cards.enabled:
+            from igds_ray.stages import cards
+
+            try:
+                self.stage("cards", "-", lambda: cards.run(c, overwrite=c.overwrite), cpus=c.cards.num_cpus,
+                           gpus=c.cards.num_gpus)
+            except Exception as err:  # noqa: BLE001 - the report still comes out, and says why no cards
+                log.error("feature cards failed: %s", err)
         return report.build(c.run_dir, c.report.price_per_gpu_hour, c.report.price_per_cpu_hour,
                             label_column=c.report.label_column, pool=c.pool,
                             correct_column=c.report.correct_column)

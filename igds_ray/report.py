@@ -304,4 +304,9 @@ def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: flo
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
+    from igds_ray import report_html
+
+    cards_uri = join(run_dir, "report", "cards.json")
+    report_html.write(os.path.join(out_dir, "report.html"), lines, out_dir,
+                      read_json(cards_uri) if exists(cards_uri) else None)
     return path

@@ -86,3 +86,19 @@ def test_yaml_is_never_code(tmp_path):
     args = build_parser().parse_args(["score", "--config", str(y)])
     with pytest.raises(ConfigError, match="not valid YAML"):
         score_config(args)
+
+
+def test_neuronpedia_links_come_from_sae_lens_ids_or_the_local_cfg(tmp_path):
+    """Gemma Scope layer 12 width 16k links to its Neuronpedia page (sae-lens's neuronpedia_id); a local SAE
+    links only when its cfg.json names one."""
+    import json
+
+    from igds_ray.config import SAEConfig
+    from igds_ray.stages.cards import neuronpedia_base
+
+    gemma = SAEConfig(release="gemma-scope-2b-pt-res-canonical", sae_id="layer_12/width_16k/canonical")
+    assert neuronpedia_base(gemma) == "https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k"
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 8, "metadata": {"neuronpedia_id": "m/3-res"}}))
+    assert neuronpedia_base(SAEConfig(path=str(tmp_path))) == "https://www.neuronpedia.org/m/3-res"
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 8}))
+    assert neuronpedia_base(SAEConfig(path=str(tmp_path))) is None

@@ -186,3 +186,130 @@ def test_ablation_arms_join_a_finished_run(ran):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"base", *ALL_ARMS, *ABLATIONS}
     assert all(a["status"] == "ok" for a in metrics["arms"].values())
+
+
+def _cards(cfg) -> dict:
+    from pathlib import Path
+
+    return json.loads((Path(cfg.run_dir) / "report" / "cards.json").read_text())
+
+
+def test_every_candidate_and_chosen_feature_has_a_card_read_where_scoring_reads(ran):
+    """The cards cover recall's candidates and every arm's features. A chosen feature's pool rows are the top
+    of the whole scored pool, and the second pass reads each at the same positions as scoring: the value
+    it pools equals the row's `acts` in the scores. Its histogram counts every scored row once; the
+    logit lens is W_dec[f] @ W_U."""
+    import numpy as np
+    import torch
+    from pathlib import Path
+
+    from igds_ray.models.loading import load_sae
+    from igds_ray.config import SAEConfig
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = ran
+    run = Path(cfg.run_dir)
+    cards = {c["feature"]: c for c in _cards(cfg)["cards"]}
+    recall = pd.read_parquet(run / "features" / "recall.parquet")
+    arms = json.loads((run / "features" / "arms.json").read_text())
+    assert set(cards) == set(recall.loc[recall["candidate"], "feature"]) | {f for fs in arms.values() for f in fs}
+    chosen = arms["igds"][0]
+    card = cards[chosen]
+    assert "igds" in card["chosen_by"] and card["pool_source"]["kind"] == "scored"
+    scores = pd.read_parquet(card["pool_source"]["scores"])
+    feats = json.loads((Path(card["pool_source"]["scores"]) / "_SUCCESS").read_text())["config"]["features"]
+    col = feats.index(chosen)
+    ok = scores[scores["error"].isna()]
+    acts = np.stack(ok["acts"].to_numpy())[:, col]
+    h = card["histogram"]
+    assert h["rows"] == len(ok) == sum(h["zero"].values()) + sum(sum(v) for v in h["counts"].values())
+    shown = card["pool_examples"]
+    assert len(shown) == min(cfg.cards.examples, int((acts > 0).sum())) and shown
+    assert [r["value"] for r in shown] == sorted((r["value"] for r in shown), reverse=True)
+    assert shown[0]["value"] == pytest.approx(float(acts.max()), abs=1e-4)
+    by_key = {(f, r): a for f, r, a in zip(ok["src_file"], ok["src_row"], acts)}
+    for r in shown:
+        assert r["value"] == pytest.approx(float(by_key[(r["src_file"], r["src_row"])]), abs=1e-4)
+        read = np.asarray(r["acts"])[r["read"]]
+        assert float(read.max()) == pytest.approx(r["value"], abs=1e-4)  # prompt_max over the read tokens
+        assert len(r["tokens"]) == len(r["acts"]) and r["boundary"] <= len(r["tokens"])
+    assert card["task_examples"] and all(len(e["tokens"]) == len(e["acts"]) for e in card["task_examples"])
+    # the logit lens, recomputed from the checkpoint's weights
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
+    sae = load_sae(SAEConfig(path=cfg.sae.path), torch.device("cpu"))
+    logits = sae.W_dec[int(chosen.rsplit("_p", 1)[1])].detach() @ model.get_output_embeddings().weight.detach().T
+    top = [v for _, v in card["logit_lens"]["promoted"]]
+    assert top[0] == pytest.approx(float(logits.max()), rel=1e-4) and top == sorted(top, reverse=True)
+    assert card["logit_lens"]["suppressed"][0][1] == pytest.approx(float(logits.min()), rel=1e-4)
+    assert card["neuronpedia"] is None  # a local SAE without a neuronpedia_id
+    others = [c for c in cards.values() if not c["chosen_by"]]
+    assert all(c["pool_source"]["kind"] == "sample" and c["histogram"]["rows"] > 0 for c in others)
+    rec = [r for r in read_all(cfg.run_dir) if r.stage == "cards"]
+    assert [r.status for r in rec] == ["ok"]
+
+
+def test_report_html_opens_in_chromium_with_a_card_per_chosen_feature(ran, tmp_path):
+    """report.html, opened in headless Chromium: no console error, every image decodes, every chosen feature
+    and every candidate has its card, and nothing is fetched from outside the file."""
+    from pathlib import Path
+
+    from tests import browser
+
+    cfg, _ = ran
+    page_path = Path(cfg.run_dir) / "report" / "report.html"
+    text = page_path.read_text()
+    assert "<script" not in text and "http://" not in text and "<link" not in text  # self-contained
+    if browser.chromium() is None:
+        if browser.need_browser():
+            pytest.fail("IGDS_REQUIRE_BROWSER=1 but no chromium on PATH")
+        pytest.skip("no chromium on PATH (make test installs Debian's chromium)")
+    page = browser.Page()
+    try:
+        page.open(page_path.as_uri())
+        assert page.errors() == []
+        images = page.evaluate(browser.IMAGES_JS)
+        assert len(images) >= 3 + 1 and all(w > 0 and h > 0 for _, w, h in images), images
+        ids = set(page.evaluate("[...document.querySelectorAll('section.card')].map(s => s.id)"))
+        arms = json.loads((Path(cfg.run_dir) / "features" / "arms.json").read_text())
+        assert {f"card-{f}" for fs in arms.values() for f in fs} <= ids
+        assert {f"card-{c['feature']}" for c in _cards(cfg)["cards"]} == ids
+        assert page.evaluate("document.querySelectorAll('.ex .tok').length") > 0
+        shot = tmp_path / "report.png"
+        page.screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    finally:
+        page.close()
+
+
+def test_card_histograms_split_by_a_pool_label(ran, tmp_path):
+    """With a label column, a chosen feature's histogram is split by label: per label, zeros + bins = the
+    label's scored rows, and the labels add up to the scored pool."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    from igds_ray.labels import PoolColumn
+    from igds_ray.stages.cards import scan_scores
+
+    cfg, _ = ran
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    src = Path(cfg.pool.path)
+    for f in sorted(src.glob("*.parquet")):
+        t = pq.read_table(f)
+        pq.write_table(t.append_column("kind", [["even" if i % 2 == 0 else "odd" for i in range(t.num_rows)]]),
+                       pool / f.name)
+    card = next(c for c in _cards(cfg)["cards"] if "igds" in c["chosen_by"])
+    uri = card["pool_source"]["scores"]
+    feats = json.loads((Path(uri) / "_SUCCESS").read_text())["config"]["features"]
+    res = scan_scores(uri, feats, [card["feature"]], PoolColumn(str(pool), "kind", "report.label_column"), 3, 7)
+    h = res[card["feature"]]["hist"]
+    scores = pd.read_parquet(uri)
+    ok = scores[scores["error"].isna()]
+    for name, parity in (("even", 0), ("odd", 1)):
+        n = int((ok["src_row"] % 2 == parity).sum())
+        assert h["zero"][name] + sum(h["counts"][name]) == n and len(h["counts"][name]) == 7
+    assert h["rows"] == len(ok)
+    top = res[card["feature"]]["top"]
+    assert [t["label"] for t in top] == ["even" if t["src_row"] % 2 == 0 else "odd" for t in top]
+    assert np.isclose(top[0]["value"], card["pool_examples"][0]["value"], atol=1e-4)
