@@ -177,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--price-per-gpu-hour", dest="gpu_price", type=float, default=2.5)
     rep.add_argument("--price-per-cpu-hour", dest="cpu_price", type=float, default=0.05)
 
+    ins = sub.add_parser("inspect", help="the highest- and lowest-scoring rows of a scores directory, tokens shaded "
+                                         "by activation, and where the selection's cutoff falls")
+    ins.add_argument("--scores", required=True, help="a finished IGDS scores directory (<run>/scores/frs_...)")
+    ins.add_argument("--top", type=int, default=20, help="rows shown at each end")
+    ins.add_argument("--feature", default=None, help="rank by this feature's activation instead of the score")
+    ins.add_argument("--no-tokens", dest="tokens", action="store_false", help="skip the model pass (no shading)")
+    ins.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                     help="ANSI shading (auto: when stdout is a terminal; never: activations in brackets)")
+
     d = sub.add_parser("demo", help="the embedded default: build a tiny world from seeds (tasks, pool, a pretrained "
                                     "tiny Llama, an SAE trained with sae-lens), run every arm, write the report")
     d.add_argument("--run-dir", default="runs/demo", help="run directory (the world is built in <run-dir>/world)")
@@ -265,6 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool = from_dict(PoolConfig, saved["pool"]) if (label or correct) and saved.get("pool") else None
             print(report.build(args.run_dir, args.gpu_price, args.cpu_price, label_column=label, pool=pool,
                                correct_column=correct))
+        elif args.command == "inspect":
+            from igds_ray.inspect import inspect
+
+            if args.top < 1:
+                raise ConfigError(f"--top must be >= 1, got {args.top}")
+            inspect(args.scores, args.top, args.feature, args.tokens,
+                    None if args.color == "auto" else args.color == "always")
         elif args.command == "demo":
             from igds_ray.demo.run import run_demo
 

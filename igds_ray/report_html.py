@@ -153,11 +153,12 @@ def tokens_html(ex: dict, scale: float) -> str:
     """One example's tokens, each shaded by its activation (`scale`: the activation of full shade); tokens
     scoring does not read are dimmed, and the prompt/response boundary is marked."""
     parts = []
-    read = set(ex.get("read") or [])
+    read, special = set(ex.get("read") or []), set(ex.get("special") or [])
     for i, (t, a) in enumerate(zip(ex["tokens"], ex["acts"])):
         if i == ex.get("boundary") and i > 0:
             parts.append('<span class="sep">⏎response⏎ </span>')
-        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
+        # special tokens (BOS, template markers) are never read; their often large values would wash out the rest
+        alpha = 0.0 if scale <= 0 or i in special else min(1.0, max(0.0, a / scale))
         cls = "tok" + ("" if i in read else " unread")
         parts.append(f'<span class="{cls}" title="{a:.4g}" style="background:rgba(255,120,0,{alpha:.2f})">'
                      f"{html.escape(t)}</span>")
@@ -167,7 +168,8 @@ def tokens_html(ex: dict, scale: float) -> str:
 def _examples(title: str, rows: Sequence[dict], note: str = "") -> str:
     if not rows:
         return f"<h4>{html.escape(title)}</h4><p class='note'>none active{html.escape(note)}</p>"
-    scale = max(max(r["acts"]) if r["acts"] else 0.0 for r in rows)
+    scale = max(max([a for i, a in enumerate(r["acts"]) if i not in set(r.get("special") or [])], default=0.0)
+                for r in rows)
     out = [f"<h4>{html.escape(title)}</h4>"]
     for r in rows:
         meta = [f"value {r['value']:.4g}"] + [f"{k} {r[k]}" for k in ("id", "label") if r.get(k) is not None]

@@ -313,3 +313,41 @@ def test_card_histograms_split_by_a_pool_label(ran, tmp_path):
     top = res[card["feature"]]["top"]
     assert [t["label"] for t in top] == ["even" if t["src_row"] % 2 == 0 else "odd" for t in top]
     assert np.isclose(top[0]["value"], card["pool_examples"][0]["value"], atol=1e-4)
+
+
+def test_igds_inspect_shows_both_ends_and_the_cutoff(ran, capsys):
+    """`igds inspect`: the top rows are the scores' highest (in order), the bottom rows their lowest, the
+    igds selection's cutoff sits between them, and each shown row's tokens, read again, pool to its score."""
+    import io
+    from pathlib import Path
+
+    from igds_ray.cli import main
+    from igds_ray.errors import ConfigError
+    from igds_ray.inspect import inspect
+
+    cfg, _ = ran
+    run = Path(cfg.run_dir)
+    uri = json.loads((run / "selection" / "igds.parquet" / "_SUCCESS").read_text())["scores"]
+    buf = io.StringIO()
+    got = inspect(uri, top=4, color=False, out=buf)
+    scores = pd.read_parquet(uri)
+    ok = scores[scores["error"].isna()].sort_values("score")
+    assert [r["value"] for r in got["top"]] == pytest.approx(ok["score"].to_numpy()[::-1][:4])
+    assert [r["value"] for r in got["bottom"]] == pytest.approx(ok["score"].to_numpy()[:4])
+    assert got["scored"] == len(ok)
+    sel = json.loads((run / "selection" / "igds.parquet" / "_SUCCESS").read_text())
+    cut = next(c for c in got["cutoffs"] if c["arm"] == "igds")
+    assert cut["rows"] == sel["rows"] and cut["score"] == sel["cutoff"]["score"]
+    text = buf.getvalue().splitlines()
+    at = next(i for i, line in enumerate(text) if line.startswith("-- cutoff of selection igds"))
+    assert text.index("-- top 4 --") < at < text.index("-- bottom 4 --")
+    for r in got["top"] + got["bottom"]:
+        s = got["tokens"][f"{r['src_file']}:{r['src_row']}"]
+        assert s["value"] == pytest.approx(r["value"], abs=1e-4)
+    assert "[" in text[2 + 1]  # without colour, active tokens carry their value in brackets
+    with pytest.raises(ConfigError, match="these scores hold"):
+        inspect(uri, feature="l0_p99999", out=io.StringIO())
+    assert main(["inspect", "--scores", str(run / "scores" / "random"), "--no-tokens"]) == 2
+    assert "not IGDS feature scores" in capsys.readouterr().err
+    assert main(["inspect", "--scores", uri, "--top", "2", "--no-tokens", "--color", "never"]) == 0
+    assert "-- cutoff of selection igds" in capsys.readouterr().out

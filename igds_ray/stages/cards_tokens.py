@@ -111,7 +111,8 @@ class TokenActs:
                 ids = ids + list(r[: max(0, max_tokens - len(ids))])
             else:
                 boundary = min(b.positions) if b.positions else len(ids)
-            rows.append({"ids": ids, "read": list(b.positions), "boundary": boundary, "truncated": b.truncated})
+            rows.append({"ids": ids, "read": list(b.positions), "boundary": boundary, "truncated": b.truncated,
+                         "special": [i for i, t in enumerate(ids) if t in builder.special]})
             ids_list.append(ids)
         acts = iter(self.per_token(ids_list))
         reduce = np.max if pooling in ("max", "prompt_max") else np.mean
@@ -127,6 +128,7 @@ class TokenActs:
         return {**meta, "tokens": _token_texts(self.tok, row["ids"]), "acts": [round(float(x), 5) for x in
                                                                             row["acts"][:, f]],
                 "read": row["read"], "boundary": row["boundary"], "truncated": row["truncated"],
+                "special": row["special"],
                 "value": float(row["pooled"][f])}
 
 
