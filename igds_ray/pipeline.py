@@ -136,6 +136,9 @@ class Pipeline:
         self.run_dir = cfg.run_dir
         # arms that failed before fine-tuning (the error, as the report shows it); the others go on
         self.arm_failures: dict[str, str] = {}
+        from igds_ray.progress import Progress
+
+        self.progress = Progress()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -163,14 +166,17 @@ class Pipeline:
                      used_by: list[str] | None = None, tokens: Callable[[Any], int | None] | None = None,
                      rows: Callable[[Any], int | None] | None = None) -> None:
         """The ledger record of a stage that started at `t0` (`had`: it was already recorded as ok)."""
+        wall = time.time() - t0
+        n_rows = rows(out) if rows and error is None else None
         if error is not None:
-            record(self.run_dir, Record(stage=name, arm=arm, status="failed", wall_s=time.time() - t0, cpus=cpus,
+            record(self.run_dir, Record(stage=name, arm=arm, status="failed", wall_s=wall, cpus=cpus,
                                         gpus=gpus, error=f"{type(error).__name__}: {error}"[:2000],
                                         extra={"used_by": used_by or []}))
         elif not had:
-            record(self.run_dir, Record(stage=name, arm=arm, wall_s=time.time() - t0, cpus=cpus, gpus=gpus,
-                                        tokens=tokens(out) if tokens else None, rows=rows(out) if rows else None,
+            record(self.run_dir, Record(stage=name, arm=arm, wall_s=wall, cpus=cpus, gpus=gpus,
+                                        tokens=tokens(out) if tokens else None, rows=n_rows,
                                         extra={"used_by": used_by or []}))
+        self.progress.note(name, arm, wall, n_rows, "failed" if error is not None else "ok", recorded=not had)
 
     # -- feature identification ------------------------------------------------------------------
 
@@ -329,6 +335,7 @@ class Pipeline:
                 # igds_response reads its latents over the responses, whatever score.pooling is.
                 pooling = c.contrast.pooling if arm == "igds_response" else c.score.pooling
                 by_features.setdefault((tuple(features[arm]), pooling), []).append(arm)
+        self.progress.expect("select", len([a for a in c.arms if a in BASELINE_ARMS or a in features]))
         for (feats, pooling), arms in by_features.items():
             scores = self.score_igds(arms, list(feats), pooling)
             for arm in arms:
@@ -392,6 +399,7 @@ class Pipeline:
         c = self.cfg
         fcs = {arm: self.finetune_config(arm, data) for arm, data in selections.items()}
         slots = self.finetune_slots(list(fcs.values()))
+        self.progress.expect("finetune", len(fcs), slots)
         outcomes: dict[str, BaseException | None] = {}
 
         def resources(fc: Any) -> dict[str, Any]:
@@ -474,9 +482,12 @@ class Pipeline:
         ev = evaluate.run(c.run_dir, arms, c.sae, feats, c.task, e, overwrite=c.overwrite)
         done = self._done_records()
         for arm, info in ev["arms"].items():
-            if info.get("status") == "ok" and ("evaluate", arm) not in done:
-                record(c.run_dir, Record(stage="evaluate", arm=arm, wall_s=info["wall_s"], cpus=e.num_cpus,
-                                         gpus=e.num_gpus, rows=info["n"]))
+            if info.get("status") == "ok":
+                fresh = ("evaluate", arm) not in done
+                if fresh:
+                    record(c.run_dir, Record(stage="evaluate", arm=arm, wall_s=info["wall_s"], cpus=e.num_cpus,
+                                             gpus=e.num_gpus, rows=info["n"]))
+                self.progress.note("evaluate", arm, info["wall_s"], info["n"], recorded=fresh)
         if failed:
             ev["arms"].update({a: {"status": "failed", "error": err} for a, err in failed.items()})
             write_json_atomic(join(c.run_dir, "eval", "metrics.json"), ev)
@@ -488,6 +499,11 @@ class Pipeline:
                            gpus=c.cards.num_gpus)
             except Exception as err:  # noqa: BLE001 - the report still comes out, and says why no cards
                 log.error("feature cards failed: %s", err)
+        from igds_ray.progress import dashboard_job_url
+
+        write_json_atomic(join(c.run_dir, "report", "stages.json"),
+                          {"table": self.progress.table(), "dashboard": dashboard_job_url()})
+        self.progress.close()
         return report.build(c.run_dir, c.report.price_per_gpu_hour, c.report.price_per_cpu_hour,
                             label_column=c.report.label_column, pool=c.pool,
                             correct_column=c.report.correct_column)

@@ -295,6 +295,13 @@ def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: flo
                   f"| {a['n_wrong']} |" for a in aucs]
         lines.append("")
         write_json_atomic(join(run_dir, "report", "correct_auroc.json"), aucs)
+    stages_uri = join(run_dir, "report", "stages.json")
+    if exists(stages_uri):
+        st = read_json(stages_uri)
+        lines += ["## Stages of the last `igds run`", ""]
+        if st.get("dashboard"):
+            lines += [f"Ray dashboard: {st['dashboard']}", ""]
+        lines += [*st["table"].splitlines(), ""]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failed arms", ""] + [f"- {r['arm']}: {r['error']}" for r in failed] + [""]

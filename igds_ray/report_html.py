@@ -38,6 +38,7 @@ _IMG = re.compile(r"^!\[([^\]]*)\]\(([^)]+)\)$")
 def _inline(text: str) -> str:
     s = html.escape(text)
     s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    s = re.sub(r"(https?://[^\s<]+)", r"<a href='\1'>\1</a>", s)
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
 
 

@@ -251,6 +251,7 @@ def test_every_candidate_and_chosen_feature_has_a_card_read_where_scoring_reads(
 def test_report_html_opens_in_chromium_with_a_card_per_chosen_feature(ran, tmp_path):
     """report.html, opened in headless Chromium: no console error, every image decodes, every chosen feature
     and every candidate has its card, and nothing is fetched from outside the file."""
+    import re
     from pathlib import Path
 
     from tests import browser
@@ -258,7 +259,9 @@ def test_report_html_opens_in_chromium_with_a_card_per_chosen_feature(ran, tmp_p
     cfg, _ = ran
     page_path = Path(cfg.run_dir) / "report" / "report.html"
     text = page_path.read_text()
-    assert "<script" not in text and "http://" not in text and "<link" not in text  # self-contained
+    # self-contained: no script, no stylesheet, no image or frame from anywhere else (links are fine)
+    assert "<script" not in text and "<link" not in text and "<iframe" not in text
+    assert not re.search(r"src=['\"](?!data:)", text)
     if browser.chromium() is None:
         if browser.need_browser():
             pytest.fail("IGDS_REQUIRE_BROWSER=1 but no chromium on PATH")
@@ -351,3 +354,33 @@ def test_igds_inspect_shows_both_ends_and_the_cutoff(ran, capsys):
     assert "not IGDS feature scores" in capsys.readouterr().err
     assert main(["inspect", "--scores", uri, "--top", "2", "--no-tokens", "--color", "never"]) == 0
     assert "-- cutoff of selection igds" in capsys.readouterr().out
+
+
+def test_run_prints_a_line_per_stage_and_a_stage_table(ran):
+    """Progress: a line per stage with its wall time (rows/s where the stage counts rows, an ETA while arms of
+    a kind are left), then the table of every stage, which the report holds too."""
+    import io
+
+    from igds_ray.progress import Progress
+
+    cfg, report_path = ran
+    buf = io.StringIO()
+    p = Progress(out=buf)
+    p.expect("finetune", 3, 2)
+    p.note("finetune", "random", 10.0, 500)
+    p.note("finetune", "igds", 20.0, 500)
+    p.note("evaluate", "base", 2.0, 12, recorded=False)
+    lines = buf.getvalue().splitlines()
+    assert "finetune [random]" in lines[0] and "50 rows/s" in lines[0] and "2 finetune left, ETA ~10s" in lines[0]
+    assert "1 finetune left, ETA ~8s" in lines[1] and "skipped" in lines[2]
+    table = p.close().splitlines()
+    assert table[2].startswith("| finetune | random | ok | 10.0 | 500 | 50 |") and table[-1].startswith("| **all** |")
+    # the real run: its table is in the report, one row per stage the run noted
+    import json
+    from pathlib import Path
+
+    st = json.loads((Path(cfg.run_dir) / "report" / "stages.json").read_text())
+    text = open(report_path).read()
+    assert "## Stages of the last `igds run`" in text and st["table"].splitlines()[0] in text
+    stages = {line.split("|")[1].strip() for line in st["table"].splitlines()[2:-1]}
+    assert {"recall", "causal", "select", "finetune", "evaluate", "cards"} <= stages
