@@ -20,7 +20,7 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed vllm-venv browser
 	HF_HUB_OFFLINE=1 IGDS_REQUIRE_BROWSER=$$(command -v chromium >/dev/null 2>&1 && echo 1 || echo 0) \
 		$(BIN)/python -m pytest -q -m "not slow and not gpu"
-	HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py tests/test_vllm_lora.py
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py tests/test_vllm_lora.py tests/test_vllm_lmeval.py
 
 # Debian's Chromium for the report page test (tests/browser.py): installed where the user is root and apt-get
 # exists (a failed install fails the target); elsewhere the page test skips, and says so.

@@ -243,13 +243,17 @@ def plan(cfg: Any, gpu: str, pool_rows: int | None = None, tokens_per_row: float
     # evaluation: the base and every arm generate on the test set, then read the features' activation
     e = cfg.evaluate
     n_eval = e.limit or eval_examples
-    step = _decode_step_s(g, m, full_w, min(e.batch_size, n_eval), e.backend)
+    # lm-eval generates through its own hf or vLLM model: plan it as that backend
+    gen_backend = e.lm_eval_model if e.backend == "lm_eval" else e.backend
+    step = _decode_step_s(g, m, full_w, min(e.batch_size, n_eval), gen_backend)
     per_arm = math.ceil(n_eval / e.batch_size) * e.max_new_tokens * step + 2 * n_eval * prompt_tokens * 2 \
         * m.matmul_params() / fwd
-    gen = _generation_bytes(m, g, full_w, e.backend, e.num_gpus, e.batch_size, prompt_tokens, e.max_new_tokens)
+    gen = _generation_bytes(m, g, full_w, gen_backend, e.num_gpus, e.batch_size, prompt_tokens, e.max_new_tokens)
     need = max(gen, full_w + _forward_bytes(m, min(e.batch_size, n_eval) * prompt_tokens))
-    add(StagePlan("evaluate", "evaluate.batch_size" if e.backend == "hf" else "evaluate.num_gpus", e.num_gpus,
-                  len(cfg.arms) + 1, need, (len(cfg.arms) + 1) * per_arm, note=f"{n_eval} examples, {e.backend}"),
+    tasks = f"; + lm-eval tasks {', '.join(e.lm_eval_tasks)} (not timed)" if e.lm_eval_tasks else ""
+    add(StagePlan("evaluate", "evaluate.batch_size" if gen_backend == "hf" else "evaluate.num_gpus", e.num_gpus,
+                  len(cfg.arms) + 1, need, (len(cfg.arms) + 1) * per_arm,
+                  note=f"{n_eval} examples, {e.backend}{tasks}"),
         (len(cfg.arms) + 1) * e.num_gpus)
 
     by = {st.stage: st for st in p.stages}

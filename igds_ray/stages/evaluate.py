@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from igds_ray.config import ModelConfig, SAEConfig, TaskConfig, _help, from_dict, to_dict
+from igds_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ class EvalConfig:
     split: str | None = _help("test split", default="test")
     limit: int | None = _help("test examples (seeded sample); None = all", default=500)
     template: int = _help("prompt template index", default=0)
-    backend: Literal["hf", "vllm"] = _help("generation backend", default="hf")
+    backend: Literal["hf", "vllm", "lm_eval"] = _help(
+        "generation backend; lm_eval = lm-evaluation-harness generates from the same prompts (a local task) and "
+        "scores with its own metrics", default="hf")
     max_new_tokens: int = _help("generation length", default=128)
     repetition_penalty: float = _help("generation repetition penalty", default=1.0)
     batch_size: int = _help("prompts per generate call", default=32)
@@ -43,6 +46,21 @@ class EvalConfig:
     pooling: Literal["last", "prompt_max", "prompt_mean"] = _help(
         "where the chosen features' activation is read on the test prompts; `igds run` reads them where scoring "
         "did when score.pooling reads the prompt (prompt_max/prompt_mean), else at the last token", default="last")
+    lm_eval_tasks: tuple[str, ...] = _help(
+        "real lm-eval tasks run on every arm besides the test set (e.g. gsm8k; datasets from the HF hub); "
+        "any backend; empty = none", default=())
+    lm_eval_model: Literal["hf", "vllm"] = _help("lm-eval model type for backend lm_eval and lm_eval_tasks",
+                                                 default="hf")
+    lm_eval_adapter: Literal["peft", "merged"] = _help(
+        "a LoRA arm under lm-eval: peft = lm-eval applies the adapter (hf peft=, vllm lora_local_path=); "
+        "merged = the merged weights, as the built-in backends use", default="peft")
+    lm_eval_limit: int | None = _help("examples per lm_eval_tasks task; None = all", default=None)
+
+    def __post_init__(self) -> None:
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ConfigError(f"evaluate.lm_eval_limit: must be >= 1 or null, got {self.lm_eval_limit}")
+        if len(set(self.lm_eval_tasks)) != len(self.lm_eval_tasks):
+            raise ConfigError(f"evaluate.lm_eval_tasks: a task is listed twice: {list(self.lm_eval_tasks)}")
 
 
 def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: Any, examples: list[dict],
@@ -65,10 +83,27 @@ def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: A
         torch.set_num_threads(max(1, int(e.num_cpus)))
     exs = [TaskExample.from_dict(x) for x in examples]
     prompts = [task.build_prompt(x, e.template) for x in exs]
-    t0 = time.time()
+    t0 = t_start = time.time()
+    lm_info = None
+    if e.lm_eval_tasks and e.backend != "lm_eval":  # first: its model is freed before this arm's loads
+        from igds_ray.stages.evaluate_lmeval import evaluate_arm
+
+        lm_info = evaluate_arm(mcfg, task, exs, prompts, e, local=False)[1]
+        _free_accelerator_memory()
+        t0 = time.time()
     sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, repetition_penalty=e.repetition_penalty,
                               stop=tuple(getattr(task, "stop_sequences", ()) or ()))
-    if e.backend == "vllm":
+    if e.backend == "lm_eval":
+        from igds_ray.stages.evaluate_lmeval import evaluate_arm
+
+        # lm-eval's model is closed before the HF copy that reads the activations loads (as for vLLM).
+        preds, lm_info = evaluate_arm(mcfg, task, exs, prompts, e)
+        _free_accelerator_memory()
+        load_s, gen_s = lm_info["load_s"], lm_info["eval_s"]
+        t2 = time.time()
+        backend = HFBackend(mcfg, None, batch_size=e.batch_size)
+        load_s += time.time() - t2
+    elif e.backend == "vllm":
         from igds_ray.generation import make_backend
         from igds_ray.plan import vllm_options
 
@@ -121,9 +156,11 @@ def _evaluate_arm(arm: str, model: dict, sae: dict, features: list[str], task: A
         "feature_median": {str(f): float(m) for f, m in zip(feats, med)},
         "feature_score_median": float(np.nanmedian(acts.sum(1))) if len(acts) else float("nan"),
         "feature_score_mean": float(np.nanmean(acts.sum(1))) if len(acts) else float("nan"),
-        "load_s": round(load_s, 3), "generate_s": round(gen_s, 3), "wall_s": round(time.time() - t0, 3),
+        "load_s": round(load_s, 3), "generate_s": round(gen_s, 3), "wall_s": round(time.time() - t_start, 3),
         "model": model,
     }
+    if lm_info is not None:
+        info["lm_eval"] = lm_info
     return table, info
 
 
@@ -177,6 +214,11 @@ def run(run_dir: str, arms: dict[str, ModelConfig], sae: SAEConfig, features: li
     task = get_task(task_cfg.name, **task_cfg.options)
     test = load_task_set(task, ecfg.source or task_cfg.source, split=ecfg.split, columns=task_cfg.columns or None,
                          limit=ecfg.limit, seed=ecfg.seed)
+    if ecfg.backend == "lm_eval" or ecfg.lm_eval_tasks:
+        from igds_ray.stages.evaluate_lmeval import check_task_names, require_lm_eval
+
+        require_lm_eval()  # before any arm starts: a missing package or a misspelt task fails here, once
+        check_task_names(ecfg.lm_eval_tasks)
     metrics_uri = join(run_dir, "eval", "metrics.json")
     done: dict[str, dict] = read_json(metrics_uri)["arms"] if exists(metrics_uri) and not overwrite else {}
     todo = {a: m for a, m in arms.items()
