@@ -47,6 +47,7 @@ SCORE_FLAGS: dict[str, str] = {
     "num_gpus": "num_gpus",
     "num_cpus": "num_cpus",
     "overwrite": "overwrite",
+    "incremental": "incremental",
 }
 IDENTIFY_FLAGS: dict[str, str] = {
     "model": "model",
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", dest="num_gpus", type=float)
     s.add_argument("--num-cpus", dest="num_cpus", type=float)
     s.add_argument("--overwrite", action="store_const", const=True)
+    s.add_argument("--incremental", action="store_const", const=True,
+                   help="a finished --out whose pool has grown or changed: score only the new and changed files' rows "
+                        "and commit the next version (earlier parts reused, not copied)")
 
     t = sub.add_parser("select", help="keep the top fraction / top n of a scored pool",
                        epilog="config keys:\n" + help_text(SelectConfig), formatter_class=argparse.RawDescriptionHelpFormatter)

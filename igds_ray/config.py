@@ -134,6 +134,9 @@ class ScoreConfig:
         "(actor), or auto: the stage when the actors have GPUs (measured on 2 CPUs with CPU actors, the "
         "stage was 20-38% slower)", default="auto")
     overwrite: bool = _help("recompute even if the output directory holds a finished result", default=False)
+    incremental: bool = _help("a finished output whose pool has grown or changed gets a new version: only new and "
+                              "changed files' rows are scored, earlier parts are reused (stages/increment.py)",
+                              default=False)
     task: str | None = _help(
         "task whose template pool prompts are rendered in (pool.prompt_template task/auto): math, summarization, "
         "translation, a registered name or package.module:factory; none: prompts are scored as stored",

@@ -142,14 +142,16 @@ def inspect(scores: str, top: int = 20, feature: str | None = None, tokens: bool
           file=out)
     shown: dict[tuple, dict] = {}
     if tokens and (hi or lo):
-        from igds_ray.stages.cards import _render, pool_rows_at
+        from igds_ray.pool_rows import pool_rows_at
+        from igds_ray.stages.cards import render_prompts
         from igds_ray.stages.cards_tokens import TokenActs
 
         keys = [(r["src_file"], r["src_row"]) for r in hi + lo]
         texts = pool_rows_at(scfg.pool, set(keys))
         keys = [k for k in dict.fromkeys(keys) if k in texts]
         ta = TokenActs(scfg.model, scfg.sae, feats, scfg.token_budget)
-        rows = ta.rows(_render(m["config"], [texts[k][0] for k in keys]), [texts[k][1] for k in keys], scfg.pooling,
+        prompts = render_prompts(m["config"], [texts[k][0] for k in keys])
+        rows = ta.rows(prompts, [texts[k][1] for k in keys], scfg.pooling,
                        scfg.max_tokens, scfg.pool.chat_template)
         for k, r in zip(keys, rows):
             if isinstance(r, dict):

@@ -62,6 +62,8 @@ class ScoreOptions:
     max_actors: int = _help("scorer actors, maximum", default=1)
     num_gpus: float = _help("GPUs per scorer actor", default=0.0)
     num_cpus: float = _help("CPUs per scorer actor", default=1.0)
+    incremental: bool = _help("a rerun on a grown pool scores only its new and changed files (a new scores version)",
+                              default=False)
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ class Pipeline:
         cfg = ScoreConfig(model=c.model, sae=c.sae, features=tuple(features), pool=pool, out=out,
                           pooling=pooling, max_tokens=s.max_tokens, token_budget=s.token_budget,
                           batch_size=s.batch_size, min_actors=s.min_actors, max_actors=s.max_actors,
-                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite,
+                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite, incremental=s.incremental,
                           task=c.task.name, task_options=dict(c.task.options))
         self.stage(f"score_{key}", "-", lambda: score.run(cfg), cpus=s.max_actors * s.num_cpus,
                    gpus=s.max_actors * s.num_gpus, used_by=arms, tokens=lambda m: m.get("tokens"),

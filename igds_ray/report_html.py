@@ -221,7 +221,8 @@ def card_html(card: dict) -> str:
     if trials:
         out.append("<table><tr><th>factor</th><th>metric Δ [CI]</th><th>Holm p</th><th>log-lik Δ [CI]</th>"
                    "<th>Holm p</th><th>held-out Δ [CI]</th><th>kept</th></tr>" + "".join(
-                       f"<tr><td>{_fmt(t['factor'], 'g')}</td><td>{_fmt(t.get('delta'))} [{_fmt(t.get('delta_ci_low'))}, "
+                       f"<tr><td>{_fmt(t['factor'], 'g')}</td><td>{_fmt(t.get('delta'))} "
+                       f"[{_fmt(t.get('delta_ci_low'))}, "
                        f"{_fmt(t.get('delta_ci_high'))}]</td><td>{_fmt(t.get('p_holm'), '.3g')}</td>"
                        f"<td>{_fmt(t.get('loglik_delta'))} [{_fmt(t.get('loglik_ci_low'))}, "
                        f"{_fmt(t.get('loglik_ci_high'))}]</td><td>{_fmt(t.get('loglik_p_holm'), '.3g')}</td>"
@@ -252,7 +253,8 @@ def cards_html(cards: dict | None) -> str:
         rows.append(f"<tr><td><a href='#card-{html.escape(c['feature'])}'>{html.escape(c['feature'])}</a></td>"
                     f"<td>{html.escape(', '.join(c['chosen_by']) or '–')}</td>"
                     f"<td>{_fmt((c.get('recall') or {}).get('frequency'), '.1%')}</td>"
-                    f"<td>{_fmt(best['delta'] if best else None)} {'(×' + _fmt(best['factor'], 'g') + ')' if best else ''}"
+                    f"<td>{_fmt(best['delta'] if best else None)} "
+                    f"{'(×' + _fmt(best['factor'], 'g') + ')' if best else ''}"
                     f"</td></tr>")
     head = ("<h2>Feature cards</h2><p class='note'>Every recalled candidate and every chosen feature. Shading: "
             "the token's activation (hover for the value); dimmed tokens are not read by the score.</p>"

@@ -537,6 +537,62 @@ class StageDir:
                 f.write(_dumps({"fingerprint": fingerprint, "begun_at": _now_iso()}))
         return _with_scheme(self.uri, staging)
 
+    def begin_increment(self, fingerprint: str) -> str:
+        """Prepare an attempt that adds to this finished directory (incremental scoring); returns its staging
+        path. The committed files and `_SUCCESS` stay; an unfinished increment begun with the same
+        `fingerprint` is kept with its parts (`self.resumed`); other attempts, and files no manifest lists
+        (left by an increment that crashed while committing), are removed."""
+        listed = set(self.manifest()["files"])
+        self.resumed = False
+        keep = None
+        for e in sorted(self.fs.get_file_info(pafs.FileSelector(self.path)), key=lambda e: e.path):
+            name = posixpath.basename(e.path)
+            if name in _NEUTRAL or name in (SUCCESS, _STAGE_MARK) or name in listed:
+                continue
+            if e.type == pafs.FileType.Directory:
+                if (keep is None and name.startswith("_attempt-")
+                        and self._attempt_fingerprint(e.path) == fingerprint):
+                    keep = e.path
+                else:
+                    self.fs.delete_dir(e.path)
+            elif not name.startswith("_"):
+                self.fs.delete_file(e.path)
+        if keep is not None:
+            for e in self.fs.get_file_info(pafs.FileSelector(keep)):
+                name = posixpath.basename(e.path)
+                if e.type == pafs.FileType.File and name.startswith(".") and name.endswith(".tmp"):
+                    self.fs.delete_file(e.path)
+            self.resumed = True
+            return _with_scheme(self.uri, keep)
+        staging = posixpath.join(self.path, f"_attempt-{uuid.uuid4().hex}")
+        self.fs.create_dir(staging, recursive=True)
+        with self.fs.open_output_stream(posixpath.join(staging, ATTEMPT)) as f:
+            f.write(_dumps({"fingerprint": fingerprint, "begun_at": _now_iso(), "increment": True}))
+        return _with_scheme(self.uri, staging)
+
+    def commit_increment(self, staging: str, manifest: dict[str, Any], keep: list[str], drop: list[str],
+                         tag: str, suffix: str = ".parquet") -> dict[str, Any]:
+        """Commit an increment: the staged parts move in beside the committed ones (named `<tag>-<part>`, so no
+        earlier file is overwritten), the new `_SUCCESS` lists `keep` (committed files reused, not copied)
+        and the new parts, and only then are `drop` (committed files no longer listed) deleted. A crash
+        before `_SUCCESS` leaves the previous version whole; its moved parts are removed by the next
+        `begin_increment`."""
+        _, staging_path = filesystem(staging)
+        staged = sorted(
+            e.path
+            for e in self.fs.get_file_info(pafs.FileSelector(staging_path, recursive=True))
+            if e.type == pafs.FileType.File and e.path.endswith(suffix) and not _internal(posixpath.basename(e.path))
+        )
+        names = [f"{tag}-" + posixpath.relpath(src, staging_path).replace("/", "__") for src in staged]
+        with ThreadPoolExecutor(max_workers=COMMIT_THREADS) as ex:
+            list(ex.map(lambda a: self.fs.move(a[0], posixpath.join(self.path, a[1])), zip(staged, names)))
+        manifest = dict(manifest, files=list(keep) + names, committed_at=_now_iso())
+        write_json_atomic(self.success_uri, manifest)
+        with ThreadPoolExecutor(max_workers=COMMIT_THREADS) as ex:
+            list(ex.map(lambda n: self.fs.delete_file(posixpath.join(self.path, n)), drop))
+        self.fs.delete_dir(staging_path)
+        return manifest
+
     def commit(self, staging: str, manifest: dict[str, Any], suffix: str = ".parquet") -> dict[str, Any]:
         """Move the attempt's files into place, then write `_SUCCESS` last."""
         _, staging_path = filesystem(staging)

@@ -21,8 +21,6 @@ composition does); the model runs in one Ray task with the scorer's resources.
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -33,13 +31,13 @@ import pyarrow.compute as pc
 
 from igds_ray import schema as S
 from igds_ray.config import _help
+from igds_ray.pool_rows import NO_LABEL, pool_rows_at, sample_pool
 
 if TYPE_CHECKING:
     from igds_ray.labels import PoolColumn
 
 log = logging.getLogger(__name__)
 
-NO_LABEL = "(no label)"
 NEURONPEDIA = "https://www.neuronpedia.org"
 
 
@@ -205,7 +203,8 @@ def scan_scores(uri: str, features: list[str], want: list[str], label: "PoolColu
                 h["zero"][name] = h["zero"].get(name, 0) + int((sel == 0).sum())
                 c, _ = np.histogram(sel[sel > 0], bins=np.asarray(h["edges"]))
                 h["counts"][name] = (np.asarray(h["counts"].get(name, np.zeros(bins, np.int64))) + c).tolist()
-    return {f: {"top": [{"value": v, "src_file": sf, "src_row": sr, "id": i, "label": lb} for v, sf, sr, i, lb in top[f]],
+    keys = ("value", "src_file", "src_row", "id", "label")
+    return {f: {"top": [dict(zip(keys, t)) for t in top[f]],
                 "hist": {**hist[f], "source": f"scored pool ({hist[f]['rows']:,} rows)"}} for f in want}
 
 
@@ -224,78 +223,7 @@ def sample_histogram(values: np.ndarray, labels: list[str], bins: int, n_pool_ro
     return h
 
 
-def _read_rows(pf: Any, rows: list[int], columns: list[str]) -> pa.Table:
-    """Rows `rows` (sorted file row indices) of a ParquetFile, reading only the row groups that hold them."""
-    md = pf.metadata
-    starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-    groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rows})
-    t = pf.read_row_groups(groups, columns=columns)
-    offset = {g: int(sum(md.row_group(h).num_rows for h in groups if h < g)) for g in groups}
-    take = [offset[int(np.searchsorted(starts, r, side="right") - 1)] + r -
-            int(starts[int(np.searchsorted(starts, r, side="right") - 1)]) for r in rows]
-    return t.take(pa.array(take, pa.int64()))
-
-
-def pool_rows_at(pool: Any, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], tuple[str, str]]:
-    """(prompt, response) of the pool rows named by (src_file, src_row), one file's row groups at a time."""
-    import pyarrow.parquet as pq
-
-    from igds_ray.pool import list_files
-
-    fs, files = list_files(pool.path)
-    paths = {rel: path for path, rel, _ in files}
-    by_file: dict[str, list[int]] = {}
-    for rel, row in wanted:
-        by_file.setdefault(rel, []).append(row)
-    out = {}
-    for rel, rows in by_file.items():
-        if rel not in paths:
-            continue
-        rows = sorted(set(rows))
-        with fs.open_input_file(paths[rel]) as f:
-            pf = pq.ParquetFile(f)
-            rows = [r for r in rows if 0 <= r < pf.metadata.num_rows]
-            t = _read_rows(pf, rows, [pool.prompt_column, pool.response_column]) if rows else None
-        if t is not None:
-            for r, p, s in zip(rows, t.column(0).to_pylist(), t.column(1).to_pylist()):
-                out[(rel, r)] = (p or "", s or "")
-    return out
-
-
-def sample_pool(pool: Any, n: int, seed: int, label_column: str | None) -> list[dict]:
-    """A seeded sample of about `n` pool rows: files in a seeded order, at most n/16 random rows from each."""
-    import pyarrow.parquet as pq
-
-    from igds_ray.pool import list_files
-
-    fs, files = list_files(pool.path)
-    rng = random.Random(seed)
-    order = list(files)
-    rng.shuffle(order)
-    per = max(1, math.ceil(n / min(len(order), 16)))
-    out: list[dict] = []
-    for path, rel, _ in order:
-        if len(out) >= n:
-            break
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            m = pf.metadata.num_rows
-            names = set(pf.schema_arrow.names)
-            if not m or pool.prompt_column not in names or pool.response_column not in names:
-                continue
-            rows = sorted(rng.sample(range(m), min(per, m, n - len(out))))
-            extra = [c for c in (pool.id_column, label_column) if c and c in names]
-            t = _read_rows(pf, rows, [pool.prompt_column, pool.response_column, *extra])
-        cols = {c: t.column(c).to_pylist() for c in t.column_names}
-        for j, r in enumerate(rows):
-            lab = cols[label_column][j] if label_column and label_column in cols else None
-            out.append({"prompt": cols[pool.prompt_column][j] or "", "response": cols[pool.response_column][j] or "",
-                        "id": cols[pool.id_column][j] if pool.id_column in cols else f"{rel}:{r}",
-                        "src_file": rel, "src_row": r, "label": NO_LABEL if lab is None else str(lab)})
-    return out
-
-
-def _render(scfg: dict, prompts: list[str]) -> list[str]:
+def render_prompts(scfg: dict, prompts: list[str]) -> list[str]:
     """Prompts as the scorer configured by `scfg` (a scores manifest's config) read them."""
     from igds_ray.config import ScoreConfig, from_dict
     from igds_ray.tokenize import PromptRenderer, build_task, prompt_mode
@@ -311,7 +239,7 @@ def _group(kind: str, prompts: list[str], responses: list[str], scfg: dict, meta
     from igds_ray.config import ScoreConfig, from_dict
 
     sc = from_dict(ScoreConfig, scfg)
-    return {"kind": kind, "prompts": _render(scfg, prompts), "responses": responses, "pooling": sc.pooling,
+    return {"kind": kind, "prompts": render_prompts(scfg, prompts), "responses": responses, "pooling": sc.pooling,
             "max_tokens": sc.max_tokens, "chat_template": sc.pool.chat_template, "meta": meta}
 
 

@@ -86,7 +86,7 @@ def check_cpu_headroom(actors: int, cpus_per_actor: float, keys: str = "min_acto
 
 
 _RUNTIME_KEYS = frozenset({"overwrite", "out", "batch_size", "token_budget", "min_actors", "max_actors", "actors",
-                           "num_cpus", "num_gpus", "tokenize_in"})
+                           "num_cpus", "num_gpus", "tokenize_in", "incremental"})
 
 
 def fingerprint(method: str, cfg: Any, pool: "Any") -> str:  # noqa: ANN401
@@ -243,6 +243,7 @@ def run_stage(
     actor_pool: tuple[int, float, str] | None = None,
     resumable: bool = False,
     prompts: dict[str, Any] | None = None,
+    incremental: bool = False,
 ) -> dict[str, Any]:
     """Discover the pool, `build(ds, pool)` the scoring plan, write it, check every pool row is there
     exactly once, commit. Returns the manifest.
@@ -257,7 +258,8 @@ def run_stage(
     (src_file, src_row) of the pool must appear exactly once, or nothing is committed.
     `actor_pool`: (actors reserved up front, CPUs per actor, the config keys that set them), for the
     CPU-headroom warning (`check_cpu_headroom`). `prompts`: how prompts were written, recorded in the
-    manifest with `rendered_rows` (summed from the parts' `rendered` column).
+    manifest with `rendered_rows` (summed from the parts' `rendered` column). `incremental`: a finished output
+    whose pool has grown or changed is extended by an increment (`stages.increment`) instead of kept.
     """
 
     from igds_ray import pool as P
@@ -266,24 +268,56 @@ def run_stage(
 
     reachable("pool.path", pool_cfg.path)
     reachable("out", out_uri)
+    from igds_ray.stages import increment as I
+
     pool = P.discover(pool_cfg.path, pool_cfg.text_columns, pool_cfg.id_column)
     out = StageDir(out_uri)
+    if incremental and not resumable:
+        raise ConfigError(f"{method}: incremental scoring needs a method that scores each row on its own "
+                          "(igds, loss+ifd); this one ranks rows against each other")
+    keys = I.file_keys(pool)
+    cfp = I.config_fingerprint(method, cfg, pool, _RUNTIME_KEYS)
+    inc = None
     if out.done() and not overwrite:
-        log.info("%s is finished; skipping (overwrite=true recomputes)", out_uri)
-        return out.manifest()
+        if not incremental:
+            log.info("%s is finished; skipping (overwrite=true recomputes)", out_uri)
+            return out.manifest()
+        inc = I.plan(out, out.manifest(), keys, cfp, method)
+        if inc is None:
+            log.info("%s: the pool has not changed since version %s; nothing to score", out_uri,
+                     out.manifest().get("version", 1))
+            return out.manifest()
     if actor_pool is not None:  # before anything is written: a refusal leaves no directory behind
         init_ray()
         check_cpu_headroom(*actor_pool)
     out.check_ours()  # before the lock file is created in someone else's directory
     with out.lock(f"{method} scoring") as held:
         fp = fingerprint(method, cfg, pool)
-        staging = out.begin(overwrite, fingerprint=fp if resumable else None)
+        if inc is not None:
+            prev = out.manifest()
+            staging = out.begin_increment(fp)
+        else:
+            prev = None
+            staging = out.begin(overwrite, fingerprint=fp if resumable else None)
         if staging is None:
             return out.manifest()
         staging_path = P.filesystem(staging)[1]
-        done, resumed = _finished_rows(out.fs, staging_path, pool, fp) if out.resumed else ({}, {})
-        resumed_rows = sum(int(s["rows"]) for s in resumed.values())
-        if resumed_rows:
+        carried: dict[str, int] = {}
+        if inc is not None:  # dropped parts' rows of unchanged files: moved into the attempt, not scored again
+            unchanged = set(keys) - set(inc.added) - set(inc.changed)
+            carried = I.carry(out, inc, staging_path, fp, unchanged)
+        done, resumed = _finished_rows(out.fs, staging_path, pool, fp) if out.resumed or carried else ({}, {})
+        if inc is not None:
+            from igds_ray.stages.parts import merge_runs
+
+            done = merge_runs([*inc.reuse.values(), *resumed.values()])
+            if done is None:
+                raise StageOutputError(f"{out_uri}: the reused and the resumed parts overlap: not committing")
+            log.info("%s: version %d: %d rows of %d committed parts reused, %d carried from dropped parts; %d new, "
+                     "%d changed, %d removed file(s)", out_uri, inc.version, inc.reused_rows, len(inc.reuse),
+                     sum(carried.values()), len(inc.added), len(inc.changed), len(inc.removed))
+        resumed_rows = sum(int(s["rows"]) for s in resumed.values()) + (inc.reused_rows if inc else 0)
+        if set(resumed) - set(carried):
             log.info("%s: resuming; %d rows in %d finished parts are kept, %d rows left to score",
                      out_uri, resumed_rows, len(resumed), pool.num_rows - resumed_rows)
         t0 = time.time()
@@ -315,6 +349,10 @@ def run_stage(
         tally = Tally()
         for n, p in names.items():
             tally.add(n, known[n] if n in known else unknown[p], fp)
+        if inc is not None:  # committed parts of earlier versions: listed by the manifest, so their own fingerprint
+            for n, s in inc.reuse.items():
+                tally.add(n, s, s.get("fingerprint"))
+            listed = listed + [posixpath.join(out.path, n) for n in inc.reuse]
         check(tally, pool, out.fs, listed, method, out_uri)
         duplicate_ids, dup_how = count_duplicate_ids(out.fs, listed, tally.rows)
         if duplicate_ids:
@@ -333,12 +371,22 @@ def run_stage(
             "tokens": tally.tokens,
             "duplicate_ids": duplicate_ids,
             "duplicate_ids_counted": dup_how,
-            "resumed_rows": resumed_rows,
-            "resumed_parts": len(resumed),
+            "resumed_rows": resumed_rows - (inc.reused_rows if inc else 0) - sum(carried.values()),
+            "resumed_parts": len(set(resumed) - set(carried)),
+            "carried_rows": sum(carried.values()),
             "scored_rows": n_rows - resumed_rows,
             "wall_s": round(wall, 3),
+            "config_fingerprint": cfp,
+            "file_keys": keys,
+            "version": inc.version if inc else 1,
+            "reused_rows": inc.reused_rows if inc else 0,
         }
         if prompts is not None:
             manifest["prompts"] = {**prompts, "rendered_rows": tally.rendered}
+        entry = {k: manifest[k] for k in ("version", "rows", "reused_rows", "scored_rows", "wall_s")}
+        manifest["versions"] = [*(prev or {}).get("versions", []), {**entry, **(inc.facts() if inc else {})}]
         held.check()
+        if inc is not None:
+            manifest.update(inc.facts())
+            return out.commit_increment(staging, manifest, list(inc.reuse), inc.drop, f"v{inc.version}")
         return out.commit(staging, manifest)

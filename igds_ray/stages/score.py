@@ -103,7 +103,7 @@ def run(cfg: ScoreConfig, fail_after_batches: int | None = None,
 
     return run_stage("igds", cfg, cfg.pool, cfg.out, cfg.overwrite, build,
                      actor_pool=(cfg.min_actors, cfg.num_cpus, "min_actors × num_cpus"), resumable=True,
-                     prompts=prompt_facts(cfg))
+                     prompts=prompt_facts(cfg), incremental=cfg.incremental)
 
 
 # Config keys that change how a stage runs, not what it writes: an attempt begun with other values
