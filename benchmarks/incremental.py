@@ -100,13 +100,17 @@ def main() -> None:
                        "scratch_rows": scratch["rows"]})
         print(json.dumps(rounds[-1]), flush=True)
 
-    # Projection from the measured rates: the scorer's rows/s (from-scratch runs) and an increment's fixed cost.
+    # Projection from the measured runs: a least-squares line through the from-scratch walls (wall = start-up +
+    # rows / rate: Ray Data and actor start-up, model load) gives the scoring rate; an increment's fixed cost is
+    # its wall less its forwarded rows at that rate.
     big = [x for x in rounds if x["round"] > 0]
-    rate = float(np.median([x["scratch_rows"] / x["scratch_wall_s"] for x in rounds]))
+    slope, start = np.polyfit([x["scratch_rows"] for x in rounds], [x["scratch_wall_s"] for x in rounds], 1)
+    rate = float(1.0 / slope) if slope > 0 else float("nan")
     fixed = float(np.median([x["wall_s"] - x["forwarded"] / rate for x in big])) if big else 0.0
     per_part = float(np.median([x["footer_read_s"] / x["parts"] for x in rounds]))
     parts_100m = 20_000  # protocol.MAX_PARTS: write tasks gather >= rows / 20k rows
-    proj = {"rate_rows_per_s_2cpu": round(rate, 1), "increment_fixed_s": round(fixed, 2),
+    proj = {"rate_rows_per_s_2cpu": round(rate, 1), "scratch_startup_s": round(float(start), 2),
+            "increment_fixed_s": round(fixed, 2),
             "footer_read_s_per_part": per_part,
             "from_scratch_100m_h": round(100e6 / rate / 3600, 1),
             "increment_1m_new_h": round((1e6 / rate + fixed + parts_100m * per_part) / 3600, 2)}
