@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                      help="ANSI shading (auto: when stdout is a terminal; never: activations in brackets)")
 
+    mo = sub.add_parser("monitor", help="one monitoring round of a finished run: score the grown pool incrementally, "
+                                        "pool drift, the adapter on a monitor set, recall; exit 3 on drift")
+    mo.add_argument("--run-dir", dest="run_dir", required=True)
+    mo.add_argument("--pool", default=None, help="the pool now (default: the run's pool.path)")
+
     d = sub.add_parser("demo", help="the embedded default: build a tiny world from seeds (tasks, pool, a pretrained "
                                     "tiny Llama, an SAE trained with sae-lens), run every arm, write the report")
     d.add_argument("--run-dir", default="runs/demo", help="run directory (the world is built in <run-dir>/world)")
@@ -285,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--top must be >= 1, got {args.top}")
             inspect(args.scores, args.top, args.feature, args.tokens,
                     None if args.color == "auto" else args.color == "always")
+        elif args.command == "monitor":
+            from igds_ray import monitor
+
+            rnd, drifted = monitor.run(args.run_dir, args.pool)
+            print(monitor.status_line(rnd))
+            return monitor.DRIFT_EXIT if drifted else 0
         elif args.command == "demo":
             from igds_ray.demo.run import run_demo
 

@@ -39,6 +39,7 @@ from igds_ray.config import (
     to_dict,
 )
 from igds_ray.ledger import Record, read_all, record
+from igds_ray.monitor import MonitorConfig
 from igds_ray.stages.cards import CardsConfig
 from igds_ray.stages.contrast import ContrastConfig
 from igds_ray.stages.evaluate import EvalConfig
@@ -97,6 +98,7 @@ class RunConfig:
     report: ReportOptions = _help("report prices", default_factory=ReportOptions)
     cards: CardsConfig = _help("feature cards (report/cards.json, rendered into report.html)",
                                default_factory=CardsConfig)
+    monitor: MonitorConfig = _help("igds monitor: drift thresholds, the monitor set", default_factory=MonitorConfig)
     no_recall_candidates: int = _help("random latents searched by the igds_no_recall ablation", default=0)
     contrast: ContrastConfig = _help("latents telling correct answers from wrong ones (the igds_response arm)",
                                      default_factory=ContrastConfig)

@@ -384,3 +384,47 @@ def test_run_prints_a_line_per_stage_and_a_stage_table(ran):
     assert "## Stages of the last `igds run`" in text and st["table"].splitlines()[0] in text
     stages = {line.split("|")[1].strip() for line in st["table"].splitlines()[2:-1]}
     assert {"recall", "causal", "select", "finetune", "evaluate", "cards"} <= stages
+
+
+def test_igds_monitor_rounds_score_only_new_rows_and_flag_drift(ran, tmp_path, capsys):
+    """`igds monitor` on a copy of the run: a round whose new file looks like the pool forwards only its rows and
+    reports no drift (exit 0); a round of off-task rows only drifts (exit 3). Each round writes round-N.json
+    and the plot across rounds."""
+    import shutil
+
+    from igds_ray.cli import main
+    from igds_ray.demo.tiny import write_pool
+
+    cfg, _ = ran
+    run = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run)
+    conf = json.loads((run / "config.json").read_text())
+    conf["monitor"] = {**conf.get("monitor", {}), "limit": 12}
+    (run / "config.json").write_text(json.dumps(conf))
+    pool = tmp_path / "pool"
+    shutil.copytree(cfg.pool.path, pool)
+
+    def add(name: str, rows: list[dict]) -> None:
+        write_pool(tmp_path / f"new-{name}", rows, n_files=1)
+        shutil.move(str(tmp_path / f"new-{name}" / "part-000.parquet"), str(pool / name))
+
+    add("part-100.parquet", make_rows(100, seed=21))
+    assert main(["monitor", "--run-dir", str(run), "--pool", str(pool)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    r1 = json.loads((run / "monitor" / "round-1.json").read_text())
+    assert r1["new_rows"] == 100 and r1["scored_rows_this_round"] == 100 and r1["new_files"] == ["part-100.parquet"]
+    assert r1["reference_rows"] == 200 and not r1["drift"] and line.startswith("igds monitor round 1: 100 new rows")
+    assert r1["psi"] < r1["thresholds"]["psi_max"] and r1["ks"] < r1["thresholds"]["ks_max"]
+    assert 0 <= r1["adapter"]["metric"] <= 1 and r1["adapter"]["n"] == 12
+    feats = json.loads((run / "features" / "arms.json").read_text())["igds"]
+    assert set(r1["recall"]) == set(feats)
+
+    off = [r for r in make_rows(400, seed=22) if r["prompt"].startswith("Tell me about")][:100]
+    add("part-101.parquet", off)
+    assert main(["monitor", "--run-dir", str(run), "--pool", str(pool)]) == 3
+    r2 = json.loads((run / "monitor" / "round-2.json").read_text())
+    assert r2["new_rows"] == len(off) and r2["reference_rows"] == 300 and r2["drift"], r2
+    assert any(x.startswith(("PSI", "KS")) for x in r2["reasons"]) and "DRIFT" in capsys.readouterr().out
+    assert (run / "monitor" / "rounds.png").stat().st_size > 1000
+    versions = [json.loads(p.read_text())["version"] for p in (run / "scores").glob("frs_*/_SUCCESS")]
+    assert 3 in versions  # the run's scores: version 1, then one increment per round
