@@ -111,8 +111,9 @@ def test_an_interrupted_increment_resumes_exactly_once(world, ray_local, pool, t
     score.run(cfg_for(world, pool, out))
     add_file(pool, "part-002.parquet", 50, seed=8)
     add_file(pool, "part-003.parquet", 50, seed=9)
+    # Each batch waits 1 s, so the first batches' parts are written before the third one raises (as in test_s3).
     with pytest.raises(Exception, match="test hook"):
-        score.run(cfg_for(world, pool, out), hooks={"raise_after_batches": 2})
+        score.run(cfg_for(world, pool, out), hooks={"raise_after_batches": 3, "batch_delay_s": 1.0})
     before = json.loads((out / S.SUCCESS).read_text())
     assert before["version"] == 1 and len(scored(out)) == 200  # the committed version is untouched
     staged = [p for p in out.glob("_attempt-*/*.parquet")]

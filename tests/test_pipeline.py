@@ -386,6 +386,7 @@ def test_run_prints_a_line_per_stage_and_a_stage_table(ran):
     assert {"recall", "causal", "select", "finetune", "evaluate", "cards"} <= stages
 
 
+@pytest.mark.slow  # ~2-4 min: two rounds, each scoring, evaluating the adapter and re-running recall
 def test_igds_monitor_rounds_score_only_new_rows_and_flag_drift(ran, tmp_path, capsys):
     """`igds monitor` on a copy of the run: a round whose new file looks like the pool forwards only its rows and
     reports no drift (exit 0); a round of off-task rows only drifts (exit 3). Each round writes round-N.json
