@@ -36,6 +36,7 @@ class PoolFile:
     row_groups: tuple[int, ...]  # rows per row group
     size: int = -1  # bytes (-1: unknown); with `row_groups`, what tells a changed file from the one scored
     read_bytes: int = -1  # uncompressed bytes of the columns read (footer statistics; -1: unknown)
+    mtime_ns: int = -1  # modification time from the listing (-1: unknown): incremental scoring's file key
 
     @property
     def num_rows(self) -> int:
@@ -71,19 +72,29 @@ def _hidden(rel: str) -> bool:
 
 def list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, str, int]]]:
     """(filesystem, [(path, path relative to the pool root, size in bytes)]) of the pool's Parquet files."""
+    fs, found = list_file_infos(uri)
+    return fs, [(path, rel, size) for path, rel, size, _ in found]
+
+
+def list_file_infos(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, str, int, int]]]:
+    """`list_files` with each file's modification time in ns (-1: unknown), from the same listing."""
     fs, root = filesystem(uri)
     info = fs.get_file_info(root)
+
+    def entry(e: pafs.FileInfo, rel: str) -> tuple[str, str, int, int]:
+        return (e.path, rel, e.size if e.size is not None else -1, e.mtime_ns if e.mtime_ns is not None else -1)
+
     if info.type == pafs.FileType.NotFound:
         raise PoolError(f"pool {uri}: no such file or directory")
     if info.type == pafs.FileType.File:
-        return fs, [(root, posixpath.basename(root), info.size if info.size is not None else -1)]
+        return fs, [entry(info, posixpath.basename(root))]
     found = []
     for e in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if e.type != pafs.FileType.File:
             continue
         rel = posixpath.relpath(e.path, root)
         if not _hidden(rel) and rel.endswith(PARQUET_SUFFIXES):
-            found.append((e.path, rel, e.size if e.size is not None else -1))
+            found.append(entry(e, rel))
     if not found:
         raise PoolError(f"pool {uri}: no Parquet files ({', '.join(PARQUET_SUFFIXES)}) in this directory")
     return fs, sorted(found, key=lambda x: x[1])
@@ -92,7 +103,9 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, str, int]]]:
 def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threads: int = 16) -> Pool:
     """List the pool's files and read their footers; check columns and ids before any compute."""
     text_columns = tuple(text_columns)
-    fs, paths = list_files(uri)
+    fs, infos = list_file_infos(uri)
+    paths = [(path, rel, size) for path, rel, size, _ in infos]
+    mtimes = {rel: m for _, rel, _, m in infos}
 
     def footer(item: tuple[str, str, int]) -> tuple[str, str, int, pq.FileMetaData]:
         path, rel, size = item
@@ -148,7 +161,7 @@ def discover(uri: str, text_columns: Iterable[str], id_column: str | None, threa
         read_bytes = sum(meta.row_group(i).column(j).total_uncompressed_size
                          for i in range(meta.num_row_groups) for j in read)
         files.append(PoolFile(path, rel, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)), size,
-                              read_bytes))
+                              read_bytes, mtimes[rel]))
     pool = Pool(uri, tuple(files), text_columns, id_column if has_id else None, id_type)
     if pool.num_rows == 0:
         raise PoolError(f"pool {uri}: its {len(files)} Parquet file(s) hold no rows")

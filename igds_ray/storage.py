@@ -522,6 +522,11 @@ class StageDir:
         self.fs.create_dir(self.path, recursive=True)
         with self.fs.open_output_stream(posixpath.join(self.path, _STAGE_MARK)) as f:
             f.write(b"written by igds-ray; this directory may be cleared and rewritten by igds\n")
+        return self._open_attempt(keep, fingerprint)
+
+    def _open_attempt(self, keep: str | None, fingerprint: str | None, **extra: Any) -> str:
+        """The kept attempt (its half-written temporaries removed; `self.resumed`), or a new one recording
+        `fingerprint` (and `extra`)."""
         if keep is not None:
             # Half-written temporaries of the interrupted run (hidden names) are not parts.
             for e in self.fs.get_file_info(pafs.FileSelector(keep)):
@@ -534,7 +539,7 @@ class StageDir:
         self.fs.create_dir(staging, recursive=True)
         if fingerprint is not None:
             with self.fs.open_output_stream(posixpath.join(staging, ATTEMPT)) as f:
-                f.write(_dumps({"fingerprint": fingerprint, "begun_at": _now_iso()}))
+                f.write(_dumps({"fingerprint": fingerprint, "begun_at": _now_iso(), **extra}))
         return _with_scheme(self.uri, staging)
 
     def begin_increment(self, fingerprint: str) -> str:
@@ -557,18 +562,7 @@ class StageDir:
                     self.fs.delete_dir(e.path)
             elif not name.startswith("_"):
                 self.fs.delete_file(e.path)
-        if keep is not None:
-            for e in self.fs.get_file_info(pafs.FileSelector(keep)):
-                name = posixpath.basename(e.path)
-                if e.type == pafs.FileType.File and name.startswith(".") and name.endswith(".tmp"):
-                    self.fs.delete_file(e.path)
-            self.resumed = True
-            return _with_scheme(self.uri, keep)
-        staging = posixpath.join(self.path, f"_attempt-{uuid.uuid4().hex}")
-        self.fs.create_dir(staging, recursive=True)
-        with self.fs.open_output_stream(posixpath.join(staging, ATTEMPT)) as f:
-            f.write(_dumps({"fingerprint": fingerprint, "begun_at": _now_iso(), "increment": True}))
-        return _with_scheme(self.uri, staging)
+        return self._open_attempt(keep, fingerprint, increment=True)
 
     def commit_increment(self, staging: str, manifest: dict[str, Any], keep: list[str], drop: list[str],
                          tag: str, suffix: str = ".parquet") -> dict[str, Any]:

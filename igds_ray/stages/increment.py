@@ -29,18 +29,9 @@ from igds_ray.errors import ConfigError
 
 
 def file_keys(pool: Any) -> dict[str, list[int]]:  # noqa: ANN401
-    """rel -> [size, mtime in ns (-1: unknown), rows]: what tells a changed pool file from the one scored."""
-    import pyarrow.fs as pafs
-
-    from igds_ray.storage import filesystem
-
-    fs, _ = filesystem(pool.uri)
-    infos = fs.get_file_info([f.path for f in pool.files])
-    out = {}
-    for f, info in zip(pool.files, infos):
-        mtime = info.mtime_ns if info.type == pafs.FileType.File and info.mtime_ns is not None else -1
-        out[f.rel] = [int(f.size), int(mtime), int(f.num_rows)]
-    return out
+    """rel -> [size, mtime in ns (-1: unknown), rows]: what tells a changed pool file from the one scored (from
+    the pool's listing and footers: no request per file)."""
+    return {f.rel: [int(f.size), int(f.mtime_ns), int(f.num_rows)] for f in pool.files}
 
 
 def config_fingerprint(method: str, cfg: Any, pool: Any, runtime_keys: frozenset[str]) -> str:  # noqa: ANN401
