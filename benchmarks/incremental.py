@@ -21,25 +21,10 @@ from pathlib import Path
 
 
 def new_file(world_dir: Path, pool: Path, r: int, n: int) -> int:
-    import pandas as pd
-
-    from igds_ray.demo.world import WorldSpec, math_sets, pool_rows, prompt_formats, summarization_sets, \
-        translation_sets
-    from igds_ray.demo.tiny import write_pool
+    from igds_ray.demo.world import WorldSpec, new_pool_file
 
     spec = WorldSpec(**json.loads((world_dir / "world.json").read_text())["spec"])
-    mp, tp, sp = prompt_formats()
-    held = (math_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3]
-            | translation_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3]
-            | summarization_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3])
-    rows = pool_rows(spec.seed + 1000 + r, n, mp, tp, sp, held, spec.wrong_answers, spec.wrong_share,
-                     spec.truncated_share)
-    tmp = pool.parent / f"_new-{r}"
-    write_pool(tmp, [{"id": f"round{r}-{x['id']}", "prompt": x["prompt"], "response": x["response"],
-                      "kind": x["kind"], "correct": x["correct"], "utility": x["utility"]} for x in rows], n_files=1)
-    shutil.move(str(tmp / "part-000.parquet"), str(pool / f"round-{r:03d}.parquet"))
-    shutil.rmtree(tmp)
-    return len(pd.read_parquet(pool / f"round-{r:03d}.parquet"))
+    return new_pool_file(world_dir, pool, f"round-{r:03d}.parquet", n, spec.seed + 1000 + r)
 
 
 def main() -> None:

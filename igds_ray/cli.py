@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backend", choices=["hf", "vllm"])
     i.add_argument("--k", type=int)
     i.add_argument("--overwrite", action="store_const", const=True)
+    i.add_argument("--if-drift", dest="if_drift", action="store_true",
+                   help="with --run-dir RUN of a finished run that igds monitor watched: re-identify (into "
+                        "RUN/monitor/identify-round-N/) only when its last monitor round found a chosen feature "
+                        "no longer passing recall on the task set; the next --continue-from round takes them")
 
     ft = sub.add_parser("finetune", help="fine-tune the base model on one selection (Ray Train + peft)")
     ft.add_argument("--config", help="YAML with FinetuneConfig keys (model, data, out, arm, lr, epochs, ...)")
@@ -154,8 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--overwrite", action="store_const", const=True)
 
     r = sub.add_parser("run", help="the whole pipeline: identify, score, select all arms, fine-tune, evaluate, report")
-    r.add_argument("--config", required=True, help="YAML: model, sae, task, pool, run_dir, arms, ... (igds run -h)")
+    r.add_argument("--config", help="YAML: model, sae, task, pool, run_dir, arms, ... (igds run -h); with "
+                                    "--continue-from, default: the previous round's own config")
     r.add_argument("--run-dir", dest="run_dir")
+    r.add_argument("--pool", help="the pool (pool.path), e.g. the grown pool of a new round")
+    r.add_argument("--continue-from", dest="continue_from", metavar="RUN",
+                   help="a finished run (round N): this run is round N+1 (its features, its scores grown "
+                        "incrementally, fine-tuning from its models on the new rows + rounds.replay)")
     r.add_argument("--overwrite", action="store_const", const=True)
 
     pl = sub.add_parser("plan", help="before any compute: GPU memory per stage, fits or not, time and cost on a GPU "
@@ -195,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--run-dir", dest="run_dir", required=True)
     mo.add_argument("--pool", default=None, help="the pool now (default: the run's pool.path)")
 
+    ro = sub.add_parser("round", help="one turn of continuous selection under --root: round 1 on first call; then "
+                                      "igds monitor on the last round, identify --if-drift, and the next round "
+                                      "continuing it (exit 3 when the monitor saw drift; the round still runs)")
+    ro.add_argument("--config", required=True, help="the run's YAML (as for igds run; run_dir is ROOT/round-K)")
+    ro.add_argument("--root", required=True, help="directory of the rounds (round-1, round-2, ...; local, s3://, gs://)")
+    ro.add_argument("--pool", default=None, help="the pool now (default: the config's pool.path)")
+
     d = sub.add_parser("demo", help="the embedded default: build a tiny world from seeds (tasks, pool, a pretrained "
                                     "tiny Llama, an SAE trained with sae-lens), run every arm, write the report")
     d.add_argument("--run-dir", default="runs/demo", help="run directory (the world is built in <run-dir>/world)")
@@ -203,9 +219,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the same world spec from another seed (is a result one world's luck?)")
     d.add_argument("--seeds", type=int, default=1, help="repeat the pipeline with seeds 0..N-1; writes seeds.md")
     d.add_argument("--world", default=None, help="build or reuse the world in this directory instead")
+    d.add_argument("--rounds", type=int, default=None, help="continuous selection: N rounds, a new pool file before "
+                   "each after the first (the last one off-task when N >= 3), each round fine-tuned from the last")
+    d.add_argument("--new-rows", dest="new_rows", type=int, default=None, help="rows per new pool file (--rounds; "
+                   "default: half the world's pool)")
     d.add_argument("--arms", default=None, help="comma-separated arms, or `all` (default: every arm but the igds "
                                                 "ablations; --quick: igds,full,random,oracle)")
     return p
+
+
+def run_config(args: argparse.Namespace) -> Any:  # noqa: ANN401
+    """`igds run`'s config: --config (or, continuing a round without one, the previous round's config.json),
+    then the flags."""
+    from igds_ray import pipeline
+
+    flags = {"run_dir": "run_dir", "overwrite": "overwrite", "pool": "pool.path",
+             "continue_from": "rounds.continue_from"}
+    if args.config is None:
+        if not args.continue_from:
+            raise ConfigError("igds run needs --config (or --continue-from RUN, which reuses that run's config)")
+        from igds_ray.rounds import carried_config
+
+        data = carried_config(args.continue_from)
+        if not args.run_dir:
+            raise ConfigError("igds run --continue-from RUN without --config needs --run-dir for the new round")
+        for flag, key in flags.items():
+            if getattr(args, flag, None) is not None:
+                set_dotted(data, key, getattr(args, flag))
+    else:
+        data = _merge(args, flags)
+    return from_dict(pipeline.RunConfig, data)
 
 
 def score_config(args: argparse.Namespace) -> ScoreConfig:
@@ -241,6 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from igds_ray.stages import select
 
             print(_summary(select.run(select_config(args))))
+        elif args.command == "identify" and args.if_drift:
+            from igds_ray import rounds
+
+            if not args.run_dir:
+                raise ConfigError("igds identify --if-drift needs --run-dir (a finished run that igds monitor watched)")
+            print(json.dumps(rounds.identify_if_drift(args.run_dir), default=str))
         elif args.command == "identify":
             from igds_ray.stages import identify
 
@@ -255,8 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             from igds_ray import pipeline
 
-            cfg = from_dict(pipeline.RunConfig, _merge(args, {"run_dir": "run_dir", "overwrite": "overwrite"}))
-            print(f"report: {pipeline.run(cfg)}")
+            print(f"report: {pipeline.run(run_config(args))}")
         elif args.command == "plan":
             from igds_ray import pipeline
             from igds_ray.plan import cluster_gpus, plan, render
@@ -296,12 +344,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             rnd, drifted = monitor.run(args.run_dir, args.pool)
             print(monitor.status_line(rnd))
             return monitor.DRIFT_EXIT if drifted else 0
+        elif args.command == "round":
+            from igds_ray import rounds
+
+            facts = rounds.next_round(load_yaml(args.config), args.root, args.pool)
+            print(rounds.round_line(facts["ledger"][-1]))
+            if facts["drift"]:
+                from igds_ray.monitor import DRIFT_EXIT
+
+                return DRIFT_EXIT
         elif args.command == "demo":
             from igds_ray.demo.run import run_demo
 
             if args.seeds < 1:
                 raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
             arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
+            if args.rounds is not None:
+                from igds_ray.demo.run import run_rounds
+
+                if args.seeds != 1:
+                    raise ConfigError("--rounds and --seeds: one at a time")
+                run_rounds(args.run_dir, args.rounds, quick=args.quick, world_dir=args.world, arms=arms,
+                           world_seed=args.world_seed, new_rows=args.new_rows)
+                return 0
             run_demo(args.run_dir, quick=args.quick, seeds=args.seeds, world_dir=args.world, arms=arms,
                      world_seed=args.world_seed)
     except (IGDSError, _task_errors()) as e:

@@ -125,6 +125,8 @@ def histogram_auroc(stage_uri: str, pool: PoolColumn, bins: int = AUROC_BINS) ->
                 raise ConfigError(f"report.correct_column: column {pool.column!r} of pool file {rel} is "
                                   f"{vals.type}, not boolean")
             known = np.asarray(pc.is_valid(vals).to_numpy(zero_copy_only=False), bool)
+            if pa.types.is_null(vals.type):  # a file whose column holds no value at all (e.g. off-task rows only)
+                vals = pa.nulls(len(vals), pa.bool_())
             y = np.asarray(pc.fill_null(vals, False).to_numpy(zero_copy_only=False), bool) if len(vals) else \
                 np.zeros(0, bool)
             s = np.asarray(t.column(S.SCORE).to_numpy(zero_copy_only=False), np.float64)

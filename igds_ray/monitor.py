@@ -106,14 +106,15 @@ def _adapter_round(cfg: Any, arm: str, features: list[str], mon: MonitorConfig) 
     from igds_ray.config import to_dict
     from igds_ray.stages.evaluate import _evaluate_arm
     from igds_ray.stages.score import init_ray
-    from igds_ray.storage import join
     from igds_ray.tasks import get_task, load_task_set
 
     task = get_task(cfg.task.name, **cfg.task.options)
     e = cfg.evaluate
     exs = load_task_set(task, mon.source or e.source or cfg.task.source, split=None if mon.source else e.split,
                         columns=cfg.task.columns or None, limit=mon.limit, seed=e.seed + 101).examples
-    out = join(cfg.run_dir, "models", arm)
+    from igds_ray.rounds import model_uri
+
+    out = model_uri(cfg.run_dir, arm)  # a round that kept the previous model points to it
     fm = cfg.finetune.get("method", "lora")
     model = dataclasses.replace(cfg.model, adapter=out) if fm == "lora" else dataclasses.replace(cfg.model,
                                                                                                name_or_path=out)
@@ -182,7 +183,9 @@ def run(run_dir: str, pool: str | None = None, progress: bool = True) -> tuple[d
         raise StageOutputError(f"igds monitor: {run_dir} has no finished selection for arm {mon.arm!r}: run igds run "
                                "first")
     sm = sel.manifest()
-    scores_uri = join(run_dir, "scores", posixpath.basename(sm["scores"].rstrip("/")))  # the run dir may have moved
+    from igds_ray.rounds import scores_of
+
+    scores_uri = scores_of(run_dir, sm)  # the run's own (found if it moved), or round 1's in a line of rounds
     before = StageDir(scores_uri).manifest()
     scfg = from_dict(ScoreConfig, {**before["config"], "out": scores_uri, "incremental": True, "overwrite": False,
                                    "pool": {**before["config"]["pool"], **({"path": pool} if pool else {})}})

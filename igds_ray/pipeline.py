@@ -40,6 +40,7 @@ from igds_ray.config import (
 )
 from igds_ray.ledger import Record, read_all, record
 from igds_ray.monitor import MonitorConfig
+from igds_ray.rounds import RoundsConfig
 from igds_ray.stages.cards import CardsConfig
 from igds_ray.stages.contrast import ContrastConfig
 from igds_ray.stages.evaluate import EvalConfig
@@ -99,6 +100,8 @@ class RunConfig:
     cards: CardsConfig = _help("feature cards (report/cards.json, rendered into report.html)",
                                default_factory=CardsConfig)
     monitor: MonitorConfig = _help("igds monitor: drift thresholds, the monitor set", default_factory=MonitorConfig)
+    rounds: RoundsConfig = _help("continuous selection: continue a finished run (round N) as round N+1",
+                                 default_factory=RoundsConfig)
     no_recall_candidates: int = _help("random latents searched by the igds_no_recall ablation", default=0)
     contrast: ContrastConfig = _help("latents telling correct answers from wrong ones (the igds_response arm)",
                                      default_factory=ContrastConfig)
@@ -143,6 +146,14 @@ class Pipeline:
         from igds_ray.progress import Progress
 
         self.progress = Progress()
+        # round N when this run continues it (`rounds.continue_from`); facts for the ledger across rounds
+        self.prev = None
+        self.round_facts: dict[str, Any] = {"arms": {}}
+        if cfg.rounds.continue_from:
+            from igds_ray import rounds
+
+            self.prev = rounds.previous_config(cfg.rounds.continue_from)
+            rounds.check_continuation(cfg, self.prev)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -196,6 +207,11 @@ class Pipeline:
         igds_arms = [a for a in c.arms if a in IGDS_ARMS]
         if not igds_arms:
             return {}
+        if self.prev is not None:  # a continued round: round N's features, no recall or causal pass
+            from igds_ray import rounds
+
+            sets = self.stage("features", "-", lambda: rounds.inherit_features(c, self.prev), used_by=igds_arms)
+            return {a: sets[a] for a in igds_arms if a in sets}
         rc, cc = c.recall, c.causal
         icfg = self.identify_cfg()
         # igds_response reads answers, not recalled prompt latents: alone, it needs no recall.
@@ -277,6 +293,13 @@ class Pipeline:
         # when the pooling is score.pooling's).
         key = "_".join(features) + ("" if pooling == s.pooling else f"_{pooling}")
         out = join(c.run_dir, "scores", f"frs_{key}")
+        incremental = s.incremental
+        if self.prev is not None:
+            from igds_ray import rounds
+
+            shared = rounds.shared_scores(self.prev, key)
+            if shared:  # the scores every round of this line grows: only new and changed files are forwarded
+                out, incremental = shared, True
         # Raw pool prompts are scored in the template causal filtering generated with (one of recall's).
         if c.pool.template_index not in (0, c.causal.template):
             log.warning("pool.template_index=%d is replaced by causal.template=%d for scoring",
@@ -285,7 +308,8 @@ class Pipeline:
         cfg = ScoreConfig(model=c.model, sae=c.sae, features=tuple(features), pool=pool, out=out,
                           pooling=pooling, max_tokens=s.max_tokens, token_budget=s.token_budget,
                           batch_size=s.batch_size, min_actors=s.min_actors, max_actors=s.max_actors,
-                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite, incremental=s.incremental,
+                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite and not incremental,
+                          incremental=incremental,
                           task=c.task.name, task_options=dict(c.task.options))
         self.stage(f"score_{key}", "-", lambda: score.run(cfg), cpus=s.max_actors * s.num_cpus,
                    gpus=s.max_actors * s.num_gpus, used_by=arms, tokens=lambda m: m.get("tokens"),
@@ -358,12 +382,13 @@ class Pipeline:
 
     # -- models ----------------------------------------------------------------------------------
 
-    def finetune_config(self, arm: str, data: str) -> Any:
+    def finetune_config(self, arm: str, data: str, start: dict[str, Any] | None = None) -> Any:
+        """`start` (a continued round): {"model": ...} or {"init_adapter": ...}, round N's model of the arm."""
         from igds_ray.stages import finetune
 
         c = self.cfg
         return from_dict(finetune.FinetuneConfig, {
-            "seed": c.seed, **c.finetune, "model": to_dict(c.model), "data": data,
+            "seed": c.seed, **c.finetune, "model": to_dict(c.model), **(start or {}), "data": data,
             "out": join(c.run_dir, "models", arm), "arm": arm, "overwrite": c.overwrite,
             "prompt_column": c.pool.prompt_column, "response_column": c.pool.response_column,
             "chat_template": c.pool.chat_template})
@@ -401,7 +426,10 @@ class Pipeline:
         from igds_ray.stages import finetune
 
         c = self.cfg
-        fcs = {arm: self.finetune_config(arm, data) for arm, data in selections.items()}
+        starts: dict[str, dict[str, Any]] = {}
+        if self.prev is not None:
+            selections, starts, kept = self.continue_arms(selections)
+        fcs = {arm: self.finetune_config(arm, data, starts.get(arm)) for arm, data in selections.items()}
         slots = self.finetune_slots(list(fcs.values()))
         self.progress.expect("finetune", len(fcs), slots)
         outcomes: dict[str, BaseException | None] = {}
@@ -458,7 +486,16 @@ class Pipeline:
             out = join(c.run_dir, "models", arm)
             models[arm] = (dataclasses.replace(c.model, adapter=out) if fcs[arm].method == "lora"
                            else dataclasses.replace(c.model, name_or_path=out))
+        if self.prev is not None:
+            models.update(kept)
         return models, failed
+
+    def continue_arms(self, selections: dict[str, str]
+                      ) -> tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, ModelConfig]]:
+        """A continued round: per arm its training set, the model it starts from, or round N's model kept."""
+        from igds_ray import rounds
+
+        return rounds.continue_arms(self, selections)
 
     # -- the whole run ---------------------------------------------------------------------------
 
@@ -467,6 +504,7 @@ class Pipeline:
         from igds_ray.stages import evaluate
 
         c = self.cfg
+        self.t0, self.n_records0 = time.time(), len(read_all(c.run_dir))
         write_json_atomic(join(c.run_dir, "config.json"), to_dict(c))
         _write_yaml(join(c.run_dir, "config.yaml"), to_dict(c))
         features = self.feature_sets()
@@ -503,6 +541,7 @@ class Pipeline:
                            gpus=c.cards.num_gpus)
             except Exception as err:  # noqa: BLE001 - the report still comes out, and says why no cards
                 log.error("feature cards failed: %s", err)
+        self.write_rounds(ev)
         from igds_ray.progress import dashboard_job_url
 
         write_json_atomic(join(c.run_dir, "report", "stages.json"),
@@ -511,6 +550,13 @@ class Pipeline:
         return report.build(c.run_dir, c.report.price_per_gpu_hour, c.report.price_per_cpu_hour,
                             label_column=c.report.label_column, pool=c.pool,
                             correct_column=c.report.correct_column)
+
+
+    def write_rounds(self, ev: dict[str, Any]) -> None:
+        """`<run>/rounds.json`, the ledger across rounds."""
+        from igds_ray import rounds
+
+        rounds.write_round(self)
 
 
 def _write_yaml(uri: str, data: dict) -> None:

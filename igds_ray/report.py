@@ -295,6 +295,9 @@ def build(run_dir: str, price_per_gpu_hour: float = 2.5, price_per_cpu_hour: flo
                   f"| {a['n_wrong']} |" for a in aucs]
         lines.append("")
         write_json_atomic(join(run_dir, "report", "correct_auroc.json"), aucs)
+    from igds_ray.rounds import report_lines
+
+    lines += report_lines(run_dir)
     stages_uri = join(run_dir, "report", "stages.json")
     if exists(stages_uri):
         st = read_json(stages_uri)

@@ -264,12 +264,9 @@ def _kuberay_spec(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 
 
-@pytest.mark.parametrize("kind", sorted(KUBERAY))
-def test_kuberay_manifest(kind: str) -> None:
-    docs = [d for d in yaml.safe_load_all(KUBERAY[kind].read_text()) if d is not None]
-    assert [d["kind"] for d in docs] == [kind]
-    (doc,) = docs
-    assert doc["apiVersion"] == "ray.io/v1"
+def check_kuberay(doc: dict[str, Any], kind: str) -> None:
+    """A RayCluster or RayJob as the shipped ones must be: autoscaler v2, token auth, ClusterIP, GPU workers from 0."""
+    assert doc["kind"] == kind and doc["apiVersion"] == "ray.io/v1"
     spec = _kuberay_spec(doc)
     assert spec["rayVersion"] == RAY_VERSION
     assert spec["enableInTreeAutoscaling"] is True
@@ -290,9 +287,64 @@ def test_kuberay_manifest(kind: str) -> None:
     for c in [head_c] + [g["template"]["spec"]["containers"][0] for g in groups]:
         assert c["image"].endswith(f":ray{RAY_VERSION}-py311-gpu"), c["image"]
     if kind == "RayJob":
-        assert "jobs/score_pool.py" in doc["spec"]["entrypoint"]
         assert doc["spec"]["shutdownAfterJobFinishes"] is True
+        assert doc["spec"].get("backoffLimit", 0) == 0, "a failed job is not retried by KubeRay (igds resumes)"
         yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+
+
+@pytest.mark.parametrize("kind", sorted(KUBERAY))
+def test_kuberay_manifest(kind: str) -> None:
+    docs = [d for d in yaml.safe_load_all(KUBERAY[kind].read_text()) if d is not None]
+    assert [d["kind"] for d in docs] == [kind]
+    check_kuberay(docs[0], kind)
+    if kind == "RayJob":
+        assert "jobs/score_pool.py" in docs[0]["spec"]["entrypoint"]
+
+
+def test_kuberay_rounds_cronjob_creates_a_valid_round_rayjob() -> None:
+    """cluster/kuberay/rounds-cronjob.yaml: a CronJob whose pod (a service account that may only create and read
+    RayJobs) creates, from a ConfigMap template, a RayJob running `jobs/round.py` on the mounted run config; the
+    RayJob passes the same checks as rayjob.yaml, the config is a valid RunConfig, and the entrypoint's flags parse."""
+    import shlex
+
+    from igds_ray.cli import build_parser
+    from igds_ray.config import from_dict
+    from igds_ray.pipeline import RunConfig
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "rounds-cronjob.yaml").read_text()) if d}
+    assert set(docs) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
+    (rule,) = docs["Role"]["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"]
+    assert set(rule["verbs"]) <= {"create", "get", "list", "watch"}, "least privilege: no delete, no update"
+    assert docs["RoleBinding"]["subjects"][0]["name"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    cron = docs["CronJob"]["spec"]
+    assert docs["CronJob"]["apiVersion"] == "batch/v1" and cron["concurrencyPolicy"] == "Forbid"
+    assert len(cron["schedule"].split()) == 5
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    (c,) = pod["containers"]
+    assert c["command"][:3] == ["kubectl", "create", "-f"]  # create: generateName needs it (apply refuses it)
+    cm = docs["ConfigMap"]["data"]
+    mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    (vol,) = pod["volumes"]
+    assert vol["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert c["command"][3] == f"{mount[vol['name']]}/{vol['configMap']['items'][0]['path']}"
+    job = yaml.safe_load(cm[vol["configMap"]["items"][0]["key"]])
+    check_kuberay(job, "RayJob")
+    assert job["metadata"]["generateName"] and "name" not in job["metadata"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "/home/ray/igds-ray/jobs/round.py"]
+    args = build_parser().parse_args(["round", *argv[2:]])
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    (hv,) = head["volumes"]
+    assert args.config == f"{mounts[hv['name']]}/{hv['configMap']['items'][0]['path']}"
+    assert hv["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    run = yaml.safe_load(cm[hv["configMap"]["items"][0]["key"]])
+    cfg = from_dict(RunConfig, run)
+    assert cfg.arms == ("igds",) and args.pool == cfg.pool.path and args.root.startswith("s3://")
 
 
 def test_kuberay_image_is_built_from_the_ray_gpu_image() -> None:

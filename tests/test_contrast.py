@@ -107,6 +107,28 @@ def test_histogram_auroc_is_the_exact_auroc_within_its_stated_bound(tmp_path):
         assert got["auroc_max_error"] > 0 or exact_bound  # 64 bins over continuous scores do mix values
 
 
+def test_histogram_auroc_reads_a_pool_file_whose_label_column_holds_no_value(tmp_path):
+    """A grown pool's new file of off-task rows only has an all-null `correct` column, which pyarrow types `null`:
+    its rows count as neither correct nor wrong (it raised ArrowInvalid before)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from igds_ray.labels import PoolColumn, histogram_auroc
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    correct = [True, False, True, False, None, None, None, None]
+    pq.write_table(pa.table({"correct": pa.array(correct[0::2], pa.bool_())}), pool / "part-0.parquet")
+    pq.write_table(pa.table({"correct": pa.array([None] * 4)}), pool / "part-1.parquet")  # type null
+    assert pq.read_schema(pool / "part-1.parquet").field("correct").type == pa.null()
+    # pool row i is row i // 2 of file i % 2: rows 0, 2, 4, 6 in part-0 (True, True, None, None), odd ones null
+    score = [0.9, 0.1, 0.8, 0.2, 0.5, 0.5, 0.5, 0.5]
+    d = _scores_dir(tmp_path, score, np.arange(8), name="nulls")
+    got = histogram_auroc(d, PoolColumn(str(pool), "correct", "report.correct_column"))
+    want = contrast.label_auroc(score, [True, None, True, None, None, None, None, None])
+    assert (got["n_correct"], got["n_wrong"]) == (want["n_correct"], want["n_wrong"]) == (2, 0)
+
+
 def test_labels_split_and_bootstrap():
     correct, rule = label_answers(np.array([1.0, 0.0, 1.0, 0.0]))
     assert correct.tolist() == [True, False, True, False] and rule.startswith("0/1 metric")

@@ -193,6 +193,32 @@ def test_lora_moves_loss_falls_base_unchanged(main_run, world):
     assert sha(world.model_dir / "model.safetensors") == base_sha
 
 
+def test_init_adapter_starts_from_the_previous_adapter(main_run, ft, tmp_path):
+    """A continued round (`init_adapter`): the trainable model starts at the given adapter's weights, not a fresh
+    LoRA (whose B is zero), and trains them; a path without adapter_config.json, or method=full, is refused."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from igds_ray.errors import ConfigError
+
+    c, _, _ = main_run
+    _, cfg = ft
+    prev = load_file(os.path.join(c.out, "adapter_model.safetensors"))
+    c2 = cfg("big", "continued", init_adapter=c.out)
+    start = {k: v.detach() for k, v in get_peft_model_state_dict(F.build_model(c2, torch.device("cpu"))).items()}
+    assert set(start) == set(prev) and all(torch.equal(start[k], prev[k]) for k in prev)
+    m = F.run(c2)
+    assert m["config"]["init_adapter"] == os.path.abspath(c.out) and m["metrics"]["steps"] == STEPS
+    after = load_file(os.path.join(c2.out, "adapter_model.safetensors"))
+    assert any(not torch.equal(after[k], prev[k]) for k in prev)
+    # it starts where round N ended: its first loss is round N's last, not a fresh adapter's first
+    assert m["metrics"]["first_loss"] < json.load(open(os.path.join(c.out, F.METRICS_FILE)))["first_loss"] - 0.3
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        F.run(cfg("big", "bad", init_adapter=str(tmp_path)))
+    with pytest.raises(ConfigError, match="init_adapter"):
+        cfg("big", "full", init_adapter=c.out, method="full")
+
+
 def test_adapter_reloads_and_generates(main_run, world):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

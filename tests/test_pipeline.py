@@ -429,3 +429,168 @@ def test_igds_monitor_rounds_score_only_new_rows_and_flag_drift(ran, tmp_path, c
     assert (run / "monitor" / "rounds.png").stat().st_size > 1000
     versions = [json.loads(p.read_text())["version"] for p in (run / "scores").glob("frs_*/_SUCCESS")]
     assert 3 in versions  # the run's scores: version 1, then one increment per round
+
+
+def _round_copy(cfg, tmp_path, name="round-1"):
+    """A copy of the shared run (its scores are found in the copy, so the fixture's stay as they are) and of its
+    pool (shutil.copytree keeps the files' mtimes, so they are the same pool files)."""
+    import shutil
+
+    run1 = tmp_path / name
+    shutil.copytree(cfg.run_dir, run1)
+    pool = tmp_path / "pool"
+    shutil.copytree(cfg.pool.path, pool)
+    return run1, pool
+
+
+def _add_file(tmp_path, pool, name: str, rows: list[dict]) -> None:
+    import shutil
+
+    from igds_ray.demo.tiny import write_pool
+
+    write_pool(tmp_path / f"new-{name}", rows, n_files=1)
+    shutil.move(str(tmp_path / f"new-{name}" / "part-000.parquet"), str(pool / name))
+
+
+def test_continued_rounds_forward_only_new_rows_and_continue_each_arms_model(ran, tmp_path):
+    """`rounds.continue_from`: round 2 grows round 1's scores by the new file only (100 rows forwarded, 200
+    reused), trains each arm from round 1's adapter on its new selected rows plus a replay sample of round 1's
+    selection, and appends its line to rounds.json, which the report shows. Round 3 on an unchanged pool
+    forwards nothing and keeps round 2's models."""
+    import dataclasses
+    from pathlib import Path
+
+    from igds_ray.rounds import RoundsConfig
+    from igds_ray.storage import StageDir
+
+    cfg, _ = ran
+    run1, pool = _round_copy(cfg, tmp_path)
+    _add_file(tmp_path, pool, "part-100.parquet", make_rows(100, seed=21))
+    key = "frs_" + "_".join(json.loads((run1 / "features" / "arms.json").read_text())["igds"])
+
+    def nxt(k: int, prev: Path):
+        return dataclasses.replace(cfg, run_dir=str(tmp_path / f"round-{k}"), arms=("igds", "random"),
+                                   pool=dataclasses.replace(cfg.pool, path=str(pool)),
+                                   rounds=RoundsConfig(continue_from=str(prev), replay=0.5))
+
+    run2 = Path(pipeline.run(nxt(2, run1))).parents[1]
+    scores = StageDir(str(run1 / "scores" / key)).manifest()
+    assert (scores["version"], scores["rows"], scores["scored_rows"], scores["reused_rows"]) == (2, 300, 100, 200)
+    assert scores["added_files"] == ["part-100.parquet"]
+    assert StageDir(str(Path(cfg.run_dir) / "scores" / key)).manifest()["version"] == 1  # the fixture's untouched
+    assert not (run2 / "scores" / key).exists()
+    assert json.loads((run2 / "features" / "inherited.json").read_text())["reidentified"] is False
+    assert {r.stage for r in read_all(str(run2))} & {"recall", "causal"} == set()  # round 1's features, no search
+    sel = pd.read_parquet(run2 / "selection" / "igds.parquet")
+    sm = json.loads((run2 / "selection" / "igds.parquet" / "_SUCCESS").read_text())
+    assert sm["scores_version"] == 2 and sm["rows_scored"] == 300 and len(sel) == 150
+    train = pd.read_parquet(run2 / "train" / "igds.parquet")
+    fresh, replay = train[train.round_source == "fresh"], train[train.round_source == "replay"]
+    assert set(fresh.id) == set(sel[sel.src_file == "part-100.parquet"].id) and len(fresh) > 0
+    assert set(replay.id) <= set(pd.read_parquet(run1 / "selection" / "igds.parquet").id) and len(replay) > 0
+    ft = json.loads((run2 / "models" / "igds" / "_SUCCESS").read_text())
+    assert ft["config"]["init_adapter"] == str(run1 / "models" / "igds") and ft["metrics"]["rows"] == len(train)
+    ledger = json.loads((run2 / "rounds.json").read_text())
+    assert [r["round"] for r in ledger] == [1, 2] and ledger[1]["continue_from"] == str(run1)
+    two = ledger[1]
+    assert (two["forwarded_rows"], two["pool_rows"], two["new_files"]) == (100, 300, 1)
+    m1 = json.loads((run1 / "eval" / "metrics.json").read_text())["arms"]
+    a = two["arms"]["igds"]
+    assert (a["fresh_rows"], a["replay_rows"]) == (len(fresh), len(replay))
+    assert a["previous_metric"] == m1["igds"]["metrics"]["metric"]
+    assert a["d_previous"] == pytest.approx(a["metric"] - a["previous_metric"])
+    text = (run2 / "report" / "report.md").read_text()
+    assert "## Rounds (continuous selection)" in text
+    assert any(line.startswith("| 2 | 300 | 100 | 1 | igds |") for line in text.splitlines()), text
+
+    run3 = Path(pipeline.run(nxt(3, run2))).parents[1]  # nothing new in the pool
+    three = json.loads((run3 / "rounds.json").read_text())[-1]
+    assert three["round"] == 3 and three["forwarded_rows"] == 0
+    assert three["arms"]["igds"]["fresh_rows"] == 0 and three["arms"]["igds"]["kept_previous"] is True
+    kept = json.loads((run3 / "models" / "igds" / "_SUCCESS").read_text())
+    assert kept["kept_from"] == str(run2 / "models" / "igds")
+    assert three["arms"]["igds"]["metric"] == two["arms"]["igds"]["metric"]  # the same model, the same test set
+
+
+def test_round_errors_name_the_run_and_key(ran, tmp_path, capsys):
+    import dataclasses
+
+    from igds_ray.cli import main
+    from igds_ray.config import ConfigError
+    from igds_ray.errors import StageOutputError
+    from igds_ray.rounds import RoundsConfig
+
+    cfg, _ = ran
+    with pytest.raises(ConfigError, match=r"rounds.replay must be in \[0, 1\)"):
+        RoundsConfig(replay=1.0)
+    unfinished = tmp_path / "half"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(json.dumps({}))
+    with pytest.raises(StageOutputError, match="has not finished"):
+        pipeline.Pipeline(dataclasses.replace(cfg, run_dir=str(tmp_path / "r2"),
+                                              rounds=RoundsConfig(continue_from=str(unfinished))))
+    with pytest.raises(ConfigError, match="changes model"):
+        pipeline.Pipeline(dataclasses.replace(cfg, run_dir=str(tmp_path / "r2"),
+                                              model=dataclasses.replace(cfg.model, dtype="bfloat16"),
+                                              rounds=RoundsConfig(continue_from=cfg.run_dir)))
+    assert main(["run", "--continue-from", cfg.run_dir]) == 2
+    assert "needs --run-dir" in capsys.readouterr().err
+    assert main(["identify", "--if-drift", "--run-dir", cfg.run_dir]) == 2
+    assert "no monitor round yet" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~3 min: a monitor round, a continued round, feature identification again
+def test_igds_round_loop_flags_drift_and_identify_if_drift_feeds_the_next_round(ran, tmp_path, capsys):
+    """`igds round` on a root whose round-1 is the shared run, after an off-task file landed: the monitor flags
+    drift (exit 3), `identify --if-drift` keeps the features (they still pass recall), and round 2 runs,
+    continuing round 1. Then, as if the monitor round had found a feature failing recall, `identify --if-drift`
+    re-identifies into round-1/monitor/identify-round-1/ and a next round's features come from there."""
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    from igds_ray import rounds
+    from igds_ray.cli import main
+
+    cfg, _ = ran
+    root = tmp_path / "rounds"
+    root.mkdir()
+    run1, pool = _round_copy(cfg, root)  # round-1 as `igds round` leaves it: report and rounds.json written
+    shutil.move(str(pool), str(tmp_path / "pool"))
+    pool = tmp_path / "pool"
+    assert rounds.finished(str(run1))
+    conf = json.loads((run1 / "config.json").read_text())
+    conf["monitor"] = {**conf.get("monitor", {}), "limit": 12}
+    (run1 / "config.json").write_text(json.dumps(conf))
+    off = [r for r in make_rows(600, seed=22) if r["prompt"].startswith("Tell me about")]
+    _add_file(tmp_path, pool, "part-101.parquet", off[:100])
+    before = json.loads((run1 / "features" / "arms.json").read_text())["igds"]
+    yml = tmp_path / "run.yaml"
+    yml.write_text(yaml.safe_dump({**{k: v for k, v in conf.items() if k not in ("run_dir", "rounds")},
+                                   "arms": ["igds"], "run_dir": str(root / "round-1")}))
+    assert main(["round", "--config", str(yml), "--root", str(root), "--pool", str(pool)]) == 3
+    out = capsys.readouterr().out
+    mon = json.loads((run1 / "monitor" / "round-1.json").read_text())
+    assert mon["drift"] and mon["new_rows"] == 100 and all(r["passes"] for r in mon["recall"].values())
+    assert "features kept" in out and out.strip().splitlines()[-1].startswith("round 2: pool 300 rows, forwarded 100")
+    run2 = root / "round-2"
+    assert json.loads((run2 / "features" / "arms.json").read_text())["igds"] == before
+    line = json.loads((run2 / "rounds.json").read_text())[-1]
+    assert (line["round"], line["forwarded_rows"], line["pool_rows"]) == (2, 100, 300)
+    ft = json.loads((run2 / "models" / "igds" / "_SUCCESS").read_text())
+    assert ft.get("kept_from") == str(run1 / "models" / "igds") or \
+        ft["config"]["init_adapter"] == str(run1 / "models" / "igds")
+
+    # The monitor round as it reads when a chosen feature stops passing recall (e.g. the task set was refreshed).
+    mon["recall"][before[0]]["passes"] = False
+    (run1 / "monitor" / "round-1.json").write_text(json.dumps(mon))
+    assert main(["identify", "--if-drift", "--run-dir", str(run1)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["reidentified"] and res["failing"] == [before[0]] and res["dir"].endswith("identify-round-1")
+    new = json.loads((run1 / "monitor" / "identify-round-1" / "features" / "features.json").read_text())["features"]
+    assert res["features"] == new
+    nxt = dataclasses.replace(cfg, run_dir=str(root / "round-x"), arms=("igds",),
+                              rounds=rounds.RoundsConfig(continue_from=str(run1)))
+    assert rounds.inherit_features(nxt, rounds.previous_config(str(run1)))["igds"] == new
+    assert json.loads((root / "round-x" / "features" / "inherited.json").read_text())["reidentified"] is True

@@ -147,6 +147,69 @@ def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str |
     return summary
 
 
+ROUNDS_ARMS = ("igds", "random")
+
+
+def run_rounds(run_dir: str, rounds: int, quick: bool = False, world_dir: str | None = None,
+               arms: tuple[str, ...] | None = None, world_seed: int = 0, new_rows: int | None = None,
+               progress: bool = True) -> dict:
+    """`igds demo --rounds N`: continuous selection on the demo world. The pool is copied to `<run-dir>/pool`;
+    round 1 is a plain run on it; before each later round one new pool file lands (`new_rows` rows, default half
+    the world's pool) and `igds round` runs: `igds monitor` on the last round (it scores only the new file),
+    `igds identify --if-drift`, the next round (fine-tuned from the last round's models on the new selected
+    rows plus the replay share). With 3 or more rounds the last new file is off-task rows (translation,
+    summarization, prose: another task's data): the drift case; the earlier ones look like the pool."""
+    import shutil
+
+    from igds_ray import rounds as R
+    from igds_ray.config import to_dict
+    from igds_ray.demo.world import WorldSpec, build_world, new_pool_file
+    from igds_ray.stages.score import init_ray
+
+    if rounds < 1:
+        from igds_ray.errors import ConfigError
+
+        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    root = Path(run_dir).resolve()
+    t0 = time.perf_counter()
+    spec = WorldSpec.quick(world_seed) if quick else WorldSpec(seed=world_seed)
+    wdir = Path(world_dir).resolve() if world_dir else root / "world"
+    say = print if progress else (lambda *a, **k: None)
+    world = build_world(wdir, spec, progress=progress)
+    pool = root / "pool"
+    if not pool.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(world.pool_dir, root / ".pool.tmp")  # copy2: the files keep their mtimes
+        (root / ".pool.tmp").rename(pool)
+    n_new = new_rows or spec.pool_rows // 2
+    cfg = demo_config(world, str(root / "round-1"), quick=quick, arms=arms or ROUNDS_ARMS,
+                      overrides={"pool": {"path": str(pool)}})
+    data = to_dict(cfg)
+    init_ray()
+    lines = []
+    for k in range(1, rounds + 1):
+        name = f"new-{k:03d}.parquet"
+        if R.finished(str(root / f"round-{k}")):  # a rerun of the demo: the rounds done are kept
+            line = json.loads((root / f"round-{k}" / R.ROUNDS_FILE).read_text())[-1]
+            lines.append({**line, "drift": None, "monitor": None, "identify": None})
+            say(f"[demo] {R.round_line(line)} (done before)", flush=True)
+            continue
+        if k > 1 and not (pool / name).exists():
+            off = rounds >= 3 and k == rounds
+            new_pool_file(wdir, pool, name, n_new, spec.seed + 5000 + k, off_task=off)
+            say(f"[demo] round {k}: {n_new:,} new {'off-task ' if off else ''}pool rows in {name}", flush=True)
+        facts = R.next_round(data, str(root), str(pool), say=lambda m: say(f"[demo] {m}", flush=True))
+        line = facts["ledger"][-1]
+        lines.append({**line, "drift": facts["drift"], "monitor": facts["monitor"], "identify": facts["identify"]})
+        say(f"[demo] {R.round_line(line)}" + (" — DRIFT" if facts["drift"] else ""), flush=True)
+    summary = {"world": str(wdir), "rounds": lines, "wall_s": round(time.perf_counter() - t0, 1)}
+    (root / "rounds-demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    report = root / f"round-{rounds}" / "report" / "report.md"
+    say("\n".join(R.report_lines(str(root / f"round-{rounds}"))), flush=True)
+    say(f"[demo] {rounds} rounds done in {summary['wall_s']:.0f}s; report: {report}", flush=True)
+    return summary
+
+
 def seeds_table(runs: list[dict]) -> list[dict]:
     """Per arm: mean, sample standard deviation, ±2 standard errors of the mean, min, max over seeds."""
     arms: dict[str, list[float]] = {}

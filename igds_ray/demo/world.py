@@ -632,3 +632,38 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
 
 def _world(root: Path, spec: WorldSpec, stats: dict) -> DemoWorld:
     return DemoWorld(root, spec, root / "model", root / "sae", root / "pool", stats)
+
+
+OFF_TASK_KINDS = ("translation", "summarization", "number_prose", "chat")
+
+
+def new_pool_file(world_dir: str | Path, pool_dir: str | Path, name: str, n: int, seed: int,
+                  off_task: bool = False) -> int:
+    """Add one Parquet file of `n` new pool rows to `pool_dir` (a growing pool, issue 14): the world's own pool
+    generator with another seed, so the rows look like the pool's (fresh ids `<name>-<id>`, no held-out task
+    example); `off_task`: only rows of the other tasks and prose (new files from another task). Written beside
+    the pool and moved in whole. Returns the rows written."""
+    import json
+    import shutil
+
+    from igds_ray.demo.tiny import write_pool
+
+    world_dir, pool_dir = Path(world_dir), Path(pool_dir)
+    spec = WorldSpec(**json.loads((world_dir / "world.json").read_text())["spec"])
+    mp, tp, sp = prompt_formats()
+    held = (math_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3]
+            | translation_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3]
+            | summarization_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)[3])
+    rows: list[dict] = []
+    draw, stem = 0, Path(name).stem
+    while len(rows) < n:
+        batch = pool_rows(seed + 7919 * draw, n if not off_task else 4 * n, mp, tp, sp, held, spec.wrong_answers,
+                          spec.wrong_share, spec.truncated_share)
+        rows += [{**r, "id": f"{stem}-{draw}-{r['id']}"} for r in batch if not off_task or r["kind"] in OFF_TASK_KINDS]
+        draw += 1
+    tmp = pool_dir.parent / f".new-{stem}"
+    write_pool(tmp, [{"id": x["id"], "prompt": x["prompt"], "response": x["response"], "kind": x["kind"],
+                      "correct": x["correct"], "utility": x["utility"]} for x in rows[:n]], n_files=1)
+    shutil.move(str(tmp / "part-000.parquet"), str(pool_dir / name))
+    shutil.rmtree(tmp)
+    return n

@@ -77,6 +77,9 @@ class FinetuneConfig:
     chat_template: bool = _help("wrap the prompt in the tokenizer's chat template (as scoring did)", default=False)
     method: Literal["lora", "full"] = _help("lora = train a PEFT LoRA adapter; full = train every weight",
                                             default="lora")
+    init_adapter: str | None = _help(
+        "lora: train on from this PEFT adapter (e.g. the previous round's <run>/models/<arm>) instead of a fresh "
+        "one; its rank, alpha and target modules are kept", default=None)
     lora_r: int = _help("LoRA rank", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", default=32.0)
     lora_dropout: float = _help("dropout on the LoRA input", default=0.05)
@@ -146,6 +149,9 @@ class FinetuneConfig:
             raise ConfigError("cpus_per_worker must be >= 0")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name):
             raise ConfigError(f"run_name must be a plain name, got {self.run_name!r}")
+        if self.init_adapter and self.method != "lora":
+            raise ConfigError("init_adapter is a LoRA adapter: with method=full, start from a model directory "
+                              "(model.name_or_path) instead")
         if getattr(self.model, "adapter", None):
             raise ConfigError("model.adapter is set: fine-tuning starts from a base model; merge the adapter into "
                               "a model directory first or train from the base")
@@ -229,6 +235,7 @@ def _absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
     model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
                                 tokenizer=absolute(cfg.model.tokenizer))
     return dataclasses.replace(cfg, model=model, data=absolute(cfg.data) or cfg.data,
+                               init_adapter=absolute(cfg.init_adapter),
                                out=cfg.out if "://" in cfg.out else os.path.abspath(os.path.expanduser(cfg.out)))
 
 
@@ -250,6 +257,11 @@ def run(cfg: FinetuneConfig, fail_after_steps: int | None = None) -> dict[str, A
     reachable("data", cfg.data)
     reachable("out", cfg.out)
     model_reachable("model.name_or_path", cfg.model.name_or_path, cfg.model.revision)
+    if cfg.init_adapter:
+        reachable("init_adapter", cfg.init_adapter)
+        if "://" not in cfg.init_adapter and not os.path.isfile(os.path.join(cfg.init_adapter, "adapter_config.json")):
+            raise ConfigError(f"arm {cfg.arm!r}: init_adapter {cfg.init_adapter!r} has no adapter_config.json "
+                              "(expected a PEFT adapter directory, e.g. a previous round's <run>/models/<arm>)")
     cfg = _absolute_paths(cfg)
     out = StageDir(cfg.out)
     if out.done() and not cfg.overwrite:

@@ -97,8 +97,8 @@ def build_model(cfg: FinetuneConfig, device: torch.device, resume_dir: str | Non
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
-    if resume_dir:
-        model = PeftModel.from_pretrained(base, resume_dir, is_trainable=True)
+    if resume_dir or cfg.init_adapter:
+        model = PeftModel.from_pretrained(base, resume_dir or cfg.init_adapter, is_trainable=True)
     else:
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base, lora_config(cfg))

@@ -115,7 +115,8 @@ def carry(out: Any, inc: Increment, staging_path: str, fingerprint: str, keep_fi
         with out.fs.open_input_file(path) as f:
             t = pq.read_table(f)
         t = t.replace_schema_metadata(None)
-        mask = pc.is_in(t.column(S.SRC_FILE), value_set=pa.array(sorted(keep_files)))
+        col = t.column(S.SRC_FILE)
+        mask = pc.is_in(col, value_set=pa.array(sorted(keep_files), type=col.type))  # typed: keep_files may be empty
         t = t.filter(mask)
         if t.num_rows == 0:
             continue

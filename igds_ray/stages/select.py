@@ -163,6 +163,7 @@ def _manifest(cfg: SelectConfig, smanifest: dict[str, Any], n_scored: int, n_kee
         "stage": "select",
         "config": to_dict(cfg),
         "scores": cfg.scores,
+        "scores_version": int(smanifest.get("version", 1)),  # a grown scores directory: the version ranked
         "rows_scored": n_scored,
         "rows_in_scores": smanifest.get("rows"),
         "rows": n_keep,
