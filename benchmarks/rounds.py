@@ -55,10 +55,12 @@ def main() -> None:
     frac = data.get("fraction", 0.5)
     pool, new = 100e6, 1e6
     day_rows_trained = new * frac / (1 - replay)
+    round_epochs = last["rounds"].get("finetune", {}).get("epochs", epochs)
     proj = {
         "score_rows_per_s": round(score_rate, 1), "train_row_epochs_per_s": round(train_rate, 1), "epochs": epochs,
+        "round_epochs": round_epochs,
         "scratch_h": round((pool / score_rate + pool * frac * epochs / train_rate) / 3600, 1),
-        "round_h": round((new / score_rate + day_rows_trained * epochs / train_rate) / 3600, 2),
+        "round_h": round((new / score_rate + day_rows_trained * round_epochs / train_rate) / 3600, 2),
         "assumes": f"{frac:.0%} kept, new rows selected at the pool's rate, replay {replay}, this machine's rates",
     }
     res = {"rounds": summary["rounds"], "scratch": {"wall_s": round(scratch_wall, 1), "pool_rows": score.rows,

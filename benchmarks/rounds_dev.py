@@ -11,6 +11,12 @@ random, continuing round 1's models) with each continuation recipe, evaluated on
 plus `round1`: round 1's models themselves on the dev set (the baseline every recipe is compared with).
 Rule, written before the probe ran: the demo's default recipe is the one with the highest mean dev accuracy
 over the two arms; `repeat` stays unless another beats it by more than 1 point. Writes `<out>/rounds-dev.json`.
+
+`--drift`: the drift policy instead. Round 3 of the rounds run (its off-task file flagged by the monitor) again,
+continuing its round 2, on the dev set: `train` (as the demo did) against `keep` (`rounds.on_drift: keep`: every
+arm keeps round 2's model). Rule, written before this probe ran (after the test-set rounds run had been seen):
+`keep` becomes the demo's `rounds.on_drift` only if its mean dev accuracy beats `train`'s by more than 1 point.
+Writes `<out>/rounds-drift-dev.json`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds-dir", dest="rounds_dir", required=True, help="a benchmarks/rounds.py --out")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--drift", action="store_true", help="probe rounds.on_drift on round 3 instead")
     args = ap.parse_args()
+    if args.drift:
+        return drift_probe(Path(args.rounds_dir).resolve(), Path(args.out).resolve())
 
     from igds_ray import pipeline
     from igds_ray.config import from_dict
@@ -74,6 +83,35 @@ def main() -> None:
     chosen = best if res[best]["mean"] > res["repeat"]["mean"] + 0.01 else "repeat"
     res["_rule"] = {"best": best, "chosen": chosen, "dev_set": dev}
     (out / "rounds-dev.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res["_rule"]))
+
+
+def drift_probe(src: Path, out: Path) -> None:
+    from igds_ray import pipeline
+    from igds_ray.config import from_dict
+    from igds_ray.demo.world import WorldSpec, _world
+    from igds_ray.stages.score import init_ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = json.loads((src / "round-3" / "config.json").read_text())
+    world = json.loads((src / "rounds-demo.json").read_text())["world"]
+    spec = WorldSpec(**json.loads((Path(world) / "world.json").read_text())["spec"])
+    dev = str(_world(Path(world), spec, {}).task_file("math", "dev"))
+    init_ray()
+    res = {}
+    for name in ("train", "keep"):
+        rounds = {**base["rounds"], "continue_from": str(src / "round-2"), "keep_models": name == "keep"}
+        data = {**{k: v for k, v in base.items() if k not in ("run_dir", "rounds", "overwrite")},
+                "run_dir": str(out / f"drift-{name}"), "rounds": rounds,
+                "evaluate": {**base["evaluate"], "source": dev, "split": None, "limit": None}}
+        pipeline.run(from_dict(pipeline.RunConfig, data))
+        m = json.loads((out / f"drift-{name}" / "eval" / "metrics.json").read_text())
+        res[name] = {a: m["arms"][a]["metrics"]["metric"] for a in ("igds", "random")}
+        res[name]["mean"] = (res[name]["igds"] + res[name]["random"]) / 2
+        print(name, json.dumps(res[name]), flush=True)
+    res["_rule"] = {"chosen": "keep" if res["keep"]["mean"] > res["train"]["mean"] + 0.01 else "train",
+                    "dev_set": dev}
+    (out / "rounds-drift-dev.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res["_rule"]))
 
 

@@ -206,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ro = sub.add_parser("round", help="one turn of continuous selection under --root: round 1 on first call; then "
                                       "igds monitor on the last round, identify --if-drift, and the next round "
-                                      "continuing it (exit 3 when the monitor saw drift; the round still runs)")
+                                      "continuing it (exit 3 when the monitor saw drift: the round runs, and by default "
+                                      "keeps the models, rounds.on_drift)")
     ro.add_argument("--config", required=True, help="the run's YAML (as for igds run; run_dir is ROOT/round-K)")
-    ro.add_argument("--root", required=True, help="directory of the rounds (round-1, round-2, ...; local, s3://, gs://)")
+    ro.add_argument("--root", required=True,
+                    help="directory of the rounds (round-1, round-2, ...; local, s3://, gs://)")
     ro.add_argument("--pool", default=None, help="the pool now (default: the config's pool.path)")
 
     d = sub.add_parser("demo", help="the embedded default: build a tiny world from seeds (tasks, pool, a pretrained "

@@ -293,7 +293,7 @@ class Pipeline:
         # when the pooling is score.pooling's).
         key = "_".join(features) + ("" if pooling == s.pooling else f"_{pooling}")
         out = join(c.run_dir, "scores", f"frs_{key}")
-        incremental = s.incremental
+        incremental, shared = s.incremental, None
         if self.prev is not None:
             from igds_ray import rounds
 
@@ -308,7 +308,7 @@ class Pipeline:
         cfg = ScoreConfig(model=c.model, sae=c.sae, features=tuple(features), pool=pool, out=out,
                           pooling=pooling, max_tokens=s.max_tokens, token_budget=s.token_budget,
                           batch_size=s.batch_size, min_actors=s.min_actors, max_actors=s.max_actors,
-                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite and not incremental,
+                          num_gpus=s.num_gpus, num_cpus=s.num_cpus, overwrite=c.overwrite and not shared,
                           incremental=incremental,
                           task=c.task.name, task_options=dict(c.task.options))
         self.stage(f"score_{key}", "-", lambda: score.run(cfg), cpus=s.max_actors * s.num_cpus,

@@ -18,6 +18,8 @@ A round is one `igds run` directory. Round N+1 (`rounds.continue_from: <round N'
   chosen them and did not;
 - **fine-tuning** starts from round N's model of the same arm (the full model, or its LoRA adapter trained on);
   an arm with fewer than `rounds.min_new_rows` fresh rows keeps round N's model;
+- **drift** (`igds round`): when the monitor flagged the new files, the round still scores, selects and evaluates
+  but every arm keeps round N's model (`rounds.on_drift: keep`, the default; `train` re-tunes anyway);
 - **evaluation** as in round 1; round N's metric for the arm is read from its `eval/metrics.json` (same test
   set and evaluation config, checked) for the Δ;
 - **the ledger across rounds** (`<run>/rounds.json`): round N's list plus this round: pool rows, rows the
@@ -33,7 +35,7 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,6 +57,12 @@ class RoundsConfig:
     replay: float = _help("share of a continued round's training rows drawn from the previous round's selection "
                           "(0: only the new rows; set before any round ran, not tuned)", default=0.5)
     min_new_rows: int = _help("an arm with fewer new selected rows than this keeps its previous model", default=1)
+    on_drift: Literal["train", "keep"] = _help(
+        "igds round, when the monitor saw drift: keep every arm's model (the round still scores, selects and "
+        "evaluates; a drifted pool is an alert, not data to train on unattended), or train the next round as usual",
+        default="keep")
+    keep_models: bool = _help("every arm keeps round N's model: select and evaluate only (igds round sets it on drift "
+                              "with on_drift=keep)", default=False)
     finetune: dict[str, Any] = _help("FinetuneConfig keys for continued rounds only, over `finetune` (e.g. fewer "
                                      "epochs or a lower lr when training on from a converged model)",
                                      default_factory=dict)
@@ -207,7 +215,7 @@ def model_uri(run_dir: str, arm: str) -> str:
     return sd.manifest().get("kept_from") or sd.uri if sd.done() else sd.uri
 
 
-def keep_model(run_dir: str, arm: str, prev_uri: str, fresh_rows: int) -> None:
+def keep_model(run_dir: str, arm: str, prev_uri: str, fresh_rows: int, reason: str) -> None:
     """Commit `<run>/models/<arm>` as a pointer to the previous round's model (no weights copied)."""
     from igds_ray.storage import StageDir, join
 
@@ -217,8 +225,8 @@ def keep_model(run_dir: str, arm: str, prev_uri: str, fresh_rows: int) -> None:
     with sd.lock("igds round: keep the previous model"):
         staging = sd.begin(overwrite=True)
         assert staging is not None
-        sd.commit(staging, {"stage": "finetune", "kept_from": prev_uri, "fresh_rows": fresh_rows,
-                            "reason": "fewer new selected rows than rounds.min_new_rows"}, suffix="")
+        sd.commit(staging, {"stage": "finetune", "kept_from": prev_uri, "fresh_rows": fresh_rows, "reason": reason},
+                  suffix="")
 
 
 # -- the training set ---------------------------------------------------------------------------------
@@ -324,10 +332,11 @@ def continue_arms(pipe: Any, selections: dict[str, str]  # noqa: ANN401
         pipe.record_stage("train_set", arm, t0, had, out=m, rows=lambda m: m.get("rows"))
         facts = {"fresh_files": len(fresh), "fresh_rows": m["fresh_rows"], "replay_rows": m["replay_rows"],
                  "selected_rows": sm.get("rows"), "forwarded_rows": forwarded}
-        if m["fresh_rows"] < c.rounds.min_new_rows:
-            log.warning("arm %s: %d new rows selected (< rounds.min_new_rows %d): it keeps round N's model",
-                        arm, m["fresh_rows"], c.rounds.min_new_rows)
-            keep_model(c.run_dir, arm, prev_model.uri, m["fresh_rows"])
+        if c.rounds.keep_models or m["fresh_rows"] < c.rounds.min_new_rows:
+            log.warning("arm %s: %s: it keeps round N's model", arm, "rounds.keep_models" if c.rounds.keep_models else
+                        f"{m['fresh_rows']} new rows selected (< rounds.min_new_rows {c.rounds.min_new_rows})")
+            keep_model(c.run_dir, arm, prev_model.uri, m["fresh_rows"],
+                       "rounds.keep_models" if c.rounds.keep_models else "fewer new rows than rounds.min_new_rows")
             kept[arm] = prev_model_config(c.model, prev_model.uri, method)
             facts["kept_previous"] = True
         else:
@@ -538,20 +547,23 @@ def next_round(data: dict[str, Any], root: str, pool: str | None = None, say: An
     from igds_ray.config import from_dict
     from igds_ray.storage import exists, join, read_json
 
-    def config(run_dir: str, continue_from: str | None) -> Any:  # noqa: ANN401
+    def config(run_dir: str, continue_from: str | None, hold: bool = False) -> Any:  # noqa: ANN401
         d = copy.deepcopy(data)
         d["run_dir"] = run_dir
         if pool:
             d.setdefault("pool", {})["path"] = pool
         d.setdefault("rounds", {})["continue_from"] = continue_from
+        if hold:
+            d["rounds"]["keep_models"] = True
         return from_dict(pipeline.RunConfig, d)
 
     done = round_dirs(root)
     facts: dict[str, Any] = {"root": root, "monitor": None, "identify": None, "drift": False}
     if done and not finished(done[-1][1]):
         k, run_dir = done[-1]
-        prev = read_json(join(run_dir, "config.json")).get("rounds", {}).get("continue_from") if exists(
-            join(run_dir, "config.json")) else (done[-2][1] if len(done) > 1 else None)
+        saved = read_json(join(run_dir, "config.json")).get("rounds", {}) if exists(join(run_dir, "config.json")) \
+            else {"continue_from": done[-2][1] if len(done) > 1 else None}
+        prev, facts["held"] = saved.get("continue_from"), bool(saved.get("keep_models"))
         say(f"[round {k}] resuming the unfinished {run_dir}")
     elif not done:
         k, run_dir, prev = 1, join(root, "round-1"), None
@@ -565,7 +577,11 @@ def next_round(data: dict[str, Any], root: str, pool: str | None = None, say: An
             say(f"[round {k}] identify --if-drift: {ident['reason']}"
                 + (f"; new features {ident['features']}" if ident["reidentified"] else ""))
         facts.update(monitor=rnd, identify=ident, drift=drifted)
-    cfg = config(run_dir, prev)
+    policy = (data.get("rounds") or {}).get("on_drift", RoundsConfig.on_drift)
+    hold = facts.pop("held", False) or (bool(facts["drift"]) and policy == "keep")
+    if hold and facts["drift"]:
+        say(f"[round {k}] drift and rounds.on_drift=keep: every arm keeps round {k - 1}'s model")
+    cfg = config(run_dir, prev, hold)
     pipeline.run(cfg)
     ledger = read_json(join(run_dir, ROUNDS_FILE))
     facts.update(round=k, run_dir=run_dir, ledger=ledger)

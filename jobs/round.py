@@ -2,7 +2,7 @@
 
 One turn of continuous selection (same flags as `igds round`): round 1 on the first call; then `igds monitor`
 on the last round, `igds identify --if-drift`, and the next round, continuing it. Exit 3 when the monitor saw
-drift (the round still ran and committed).
+drift (the round still ran and committed; by default it kept the previous models: rounds.on_drift).
 """
 
 from __future__ import annotations

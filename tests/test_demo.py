@@ -1,7 +1,9 @@
-"""The demo world's data (no training here: the quick demo itself runs in tests/test_job_submit.py)."""
+"""The demo world's data (no training here, except the slow rounds test: the quick demo itself runs in
+tests/test_job_submit.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -150,3 +152,26 @@ def test_report_composition_counts_each_arms_labels_by_pool_row(tmp_path):
     assert "missing" not in comp
     with pytest.raises(ConfigError, match="report.label_column: pool file part-0.parquet has no column 'quality'"):
         composition(str(run), ["a"], pool, "quality")
+
+
+@pytest.mark.slow  # ~4 min: the quick world, then three rounds
+def test_demo_rounds_forward_only_each_rounds_new_rows_and_flag_the_off_task_file(tmp_path, capsys):
+    """`igds demo --quick --rounds 3`: round 1 on the world's pool; a new file lands before rounds 2 and 3 (the
+    last one off-task); each later round forwards exactly its new rows, the off-task round is flagged as drift,
+    and a second call keeps the finished rounds."""
+    from igds_ray.cli import main
+
+    run = tmp_path / "demo"
+    assert main(["demo", "--quick", "--rounds", "3", "--new-rows", "200", "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((run / "rounds-demo.json").read_text())["rounds"]
+    assert [r["round"] for r in res] == [1, 2, 3]
+    assert [r["forwarded_rows"] for r in res] == [800, 200, 200] and [r["pool_rows"] for r in res] == [800, 1000, 1200]
+    assert [r["drift"] for r in res] == [False, False, True]
+    assert res[2]["monitor"]["new_rows"] == 200 and res[2]["monitor"]["psi"] > res[1]["monitor"]["psi"]
+    assert "new off-task pool rows in new-003.parquet" in out and "## Rounds (continuous selection)" in out
+    for r in res[1:]:
+        for arm in ("igds", "random"):
+            assert r["arms"][arm]["previous_metric"] is not None
+    assert main(["demo", "--quick", "--rounds", "3", "--new-rows", "200", "--run-dir", str(run)]) == 0
+    assert capsys.readouterr().out.count("(done before)") == 3

@@ -542,8 +542,8 @@ def test_round_errors_name_the_run_and_key(ran, tmp_path, capsys):
 @pytest.mark.slow  # ~3 min: a monitor round, a continued round, feature identification again
 def test_igds_round_loop_flags_drift_and_identify_if_drift_feeds_the_next_round(ran, tmp_path, capsys):
     """`igds round` on a root whose round-1 is the shared run, after an off-task file landed: the monitor flags
-    drift (exit 3), `identify --if-drift` keeps the features (they still pass recall), and round 2 runs,
-    continuing round 1. Then, as if the monitor round had found a feature failing recall, `identify --if-drift`
+    drift (exit 3), `identify --if-drift` keeps the features (they still pass recall), and round 2 runs, scoring
+    and selecting, but keeps round 1's model (`rounds.on_drift: keep`). Then, as if the monitor round had found a feature failing recall, `identify --if-drift`
     re-identifies into round-1/monitor/identify-round-1/ and a next round's features come from there."""
     import dataclasses
     import shutil
@@ -578,9 +578,9 @@ def test_igds_round_loop_flags_drift_and_identify_if_drift_feeds_the_next_round(
     assert json.loads((run2 / "features" / "arms.json").read_text())["igds"] == before
     line = json.loads((run2 / "rounds.json").read_text())[-1]
     assert (line["round"], line["forwarded_rows"], line["pool_rows"]) == (2, 100, 300)
-    ft = json.loads((run2 / "models" / "igds" / "_SUCCESS").read_text())
-    assert ft.get("kept_from") == str(run1 / "models" / "igds") or \
-        ft["config"]["init_adapter"] == str(run1 / "models" / "igds")
+    ft = json.loads((run2 / "models" / "igds" / "_SUCCESS").read_text())  # rounds.on_drift: keep (the default)
+    assert ft["kept_from"] == str(run1 / "models" / "igds") and ft["reason"] == "rounds.keep_models"
+    assert "drift and rounds.on_drift=keep" in out and line["arms"]["igds"]["kept_previous"] is True
 
     # The monitor round as it reads when a chosen feature stops passing recall (e.g. the task set was refreshed).
     mon["recall"][before[0]]["passes"] = False

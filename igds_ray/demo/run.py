@@ -82,6 +82,11 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
         contrast=dict(dev_limit=spec.n_dev, template=1, max_new_tokens=16, gen_batch_size=256),
         report=dict(label_column="kind", correct_column="correct"),
         no_recall_candidates=8,
+        # Continued rounds (`igds demo --rounds`) train on from the previous round's converged model for 5 epochs, not
+        # round 1's 20: chosen on the math DEV set by benchmarks/rounds_dev.py with the rule written before it ran
+        # (mean dev accuracy of igds and random after round 2: 20 epochs again 0.607, 5 epochs 0.726, lr / 10
+        # 0.667, no replay 0.584; round 1's models 0.668). BENCHMARKS.md, "Rounds".
+        rounds=dict(finetune=dict(epochs=5)),
         # As many arms at once as the CPUs hold (each Ray Train worker: 1 CPU, 1 torch thread); an arm's
         # weights are the same as when it trains alone (tests/test_pipeline.py).
         finetune_concurrency=0,

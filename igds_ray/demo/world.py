@@ -640,7 +640,7 @@ OFF_TASK_KINDS = ("translation", "summarization", "number_prose", "chat")
 def new_pool_file(world_dir: str | Path, pool_dir: str | Path, name: str, n: int, seed: int,
                   off_task: bool = False) -> int:
     """Add one Parquet file of `n` new pool rows to `pool_dir` (a growing pool, issue 14): the world's own pool
-    generator with another seed, so the rows look like the pool's (fresh ids `<name>-<id>`, no held-out task
+    generator with another seed, so the rows look like the pool's (fresh ids `<stem>-<draw>-<id>`, no held-out task
     example); `off_task`: only rows of the other tasks and prose (new files from another task). Written beside
     the pool and moved in whole. Returns the rows written."""
     import json
@@ -659,7 +659,8 @@ def new_pool_file(world_dir: str | Path, pool_dir: str | Path, name: str, n: int
     while len(rows) < n:
         batch = pool_rows(seed + 7919 * draw, n if not off_task else 4 * n, mp, tp, sp, held, spec.wrong_answers,
                           spec.wrong_share, spec.truncated_share)
-        rows += [{**r, "id": f"{stem}-{draw}-{r['id']}"} for r in batch if not off_task or r["kind"] in OFF_TASK_KINDS]
+        rows += [{**r, "id": f"{stem}-{draw}-{r['id']}"} for r in batch
+                 if not off_task or r["kind"] in OFF_TASK_KINDS]
         draw += 1
     tmp = pool_dir.parent / f".new-{stem}"
     write_pool(tmp, [{"id": x["id"], "prompt": x["prompt"], "response": x["response"], "kind": x["kind"],
