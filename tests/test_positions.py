@@ -227,3 +227,50 @@ def test_cli_flags_reach_the_configs():
     assert (cfg.task, cfg.pool.prompt_template, cfg.pool.template_index) == ("math", "task", 2)
     args = p.parse_args(["select", "--scores", "/s", "--out", "/o", "--tie-seed", "7"])
     assert from_dict(SelectConfig, cli._merge(args, cli.SELECT_FLAGS)).tie_seed == 7
+
+
+def _without_bos(model_dir):
+    """The session tokenizer, made to add no BOS (as SmolLM2's and Qwen's do)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    return tok
+
+
+def test_a_tokenizer_without_bos_never_pools_the_first_token(world):
+    """Position 0 of a BOS-less tokenizer is the model's attention sink: never pooled, whatever the pooling,
+    and a row with nothing else to read is a per-row error that says why."""
+    from transformers import AutoTokenizer
+
+    from igds_ray.demo.sae_train import residual_activations
+    from igds_ray.models.loading import load_model
+    from igds_ray.config import ModelConfig
+    from igds_ray.tokenize import ExampleBuilder, pools_first_token
+
+    bos, nobos = AutoTokenizer.from_pretrained(world.model_dir), _without_bos(world.model_dir)
+    assert pools_first_token(bos) and not pools_first_token(nobos)
+    prompt, response = "Tom has 3 apples and buys 4 more.", "3 + 4 = 7"
+    with_bos = ExampleBuilder(bos, "prompt_max", 64).build_pairs([prompt], [response])[0]
+    plain = ExampleBuilder(nobos, "prompt_max", 64).build_pairs([prompt], [response])[0]
+    assert plain.input_ids == with_bos.input_ids[1:]  # the same text, one BOS shorter
+    assert with_bos.positions == list(range(1, len(with_bos.input_ids)))  # BOS is special: not pooled
+    assert plain.positions == list(range(1, len(plain.input_ids)))  # the sink (position 0) is not pooled
+    assert ExampleBuilder(nobos, "last", 64).build_pairs([prompt], [response])[0].positions == [len(plain.input_ids) - 1]
+    assert ExampleBuilder(nobos, "max", 64).build_text([prompt])[0].positions == plain.positions
+    # Response pooling starts after the prompt either way; an empty prompt leaves position 0 out too.
+    resp = ExampleBuilder(nobos, "max", 64).build_pairs(["", prompt], [response, response])
+    assert resp[0].positions[0] == 1 and resp[1].positions[0] == len(plain.input_ids)
+    # One token and no BOS: nothing but the sink to read, and the error names it.
+    one = ExampleBuilder(nobos, "prompt_max", 64).build_pairs(["a"], ["b"])[0]
+    assert isinstance(one, str) and "attention sink" in one
+    assert ExampleBuilder(bos, "prompt_max", 64).build_pairs(["a"], ["b"])[0].positions == [1]
+    assert "empty or whitespace only" in ExampleBuilder(nobos, "prompt_max", 64).build_pairs([""], ["b"])[0]
+
+    # The SAE quality stats read the same positions: one token fewer per text without BOS.
+    model = load_model(ModelConfig(name_or_path=str(world.model_dir)))
+    texts = [prompt, "Ann has 5 pears.", "x y"]
+    n_tokens = [len(nobos(t)["input_ids"]) for t in texts]
+    assert residual_activations(model, bos, texts, 0, 64).shape[0] == sum(n_tokens)
+    assert residual_activations(model, nobos, texts, 0, 64).shape[0] == sum(n_tokens) - len(texts)

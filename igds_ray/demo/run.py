@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from igds_ray.errors import ConfigError
 from igds_ray.pipeline import BASELINE_ARMS, IGDS_ARMS, LABEL_ARMS
 
 ALL_ARMS = (*IGDS_ARMS, *BASELINE_ARMS)
@@ -30,6 +31,10 @@ ALL_ARMS = (*IGDS_ARMS, *BASELINE_ARMS)
 ABLATION_ARMS = ("igds_k5", "igds_no_causal", "igds_no_recall")
 DEFAULT_ARMS = tuple(a for a in ALL_ARMS if a not in ABLATION_ARMS)
 QUICK_ARMS = ("igds", "full", "random", "oracle")
+# `--base smollm2` (a real pretrained LM, issue 10 part 7): the arms the issue asks for; each LoRA fine-tune of the
+# 135M model takes minutes on 2 cores.
+LM_ARMS = ("igds", "random", "full", "oracle")
+BASES = ("tiny", "smollm2")
 
 
 def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, arms: tuple[str, ...] | None = None,
@@ -92,6 +97,10 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
         finetune_concurrency=0,
         seed=seed,
     )
+    if hasattr(spec, "config_overrides"):  # a world on a pretrained LM (demo/smollm2.py)
+        overrides = {**spec.config_overrides(), **(overrides or {})}
+        if arms is None:
+            cfg["arms"] = list(LM_ARMS)
     for key, val in (overrides or {}).items():
         if isinstance(val, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **val}
@@ -102,20 +111,32 @@ def demo_config(world: Any, run_dir: str, quick: bool = False, seed: int = 0, ar
 
 def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str | None = None,
              arms: tuple[str, ...] | None = None, progress: bool = True, overrides: dict | None = None,
-             world_seed: int = 0, eval_set: str = "test") -> dict:
+             world_seed: int = 0, eval_set: str = "test", base: str = "tiny") -> dict:
     """Build (or reuse) the world and run the pipeline `seeds` times; returns a summary dict.
-    `eval_set` names the problems `overrides` point evaluation at, for the seeds table's heading."""
+    `eval_set` names the problems `overrides` point evaluation at, for the seeds table's heading.
+    `base`: tiny (a Llama pretrained here) or smollm2 (SmolLM2-135M-Instruct, `demo/smollm2.py`)."""
     from igds_ray.demo.world import WorldSpec, build_world
     from igds_ray.pipeline import run as run_pipeline
     from igds_ray.stages.score import init_ray
 
     root = Path(run_dir).resolve()
     t0 = time.perf_counter()
-    spec = WorldSpec.quick(world_seed) if quick else WorldSpec(seed=world_seed)
     wdir = Path(world_dir).resolve() if world_dir else root / "world"
     say = print if progress else (lambda *a, **k: None)
-    say(f"[demo] world: {wdir} ({'quick' if quick else 'full'} spec {spec.key()})", flush=True)
-    world = build_world(wdir, spec, progress=progress)
+    if base not in BASES:
+        raise ConfigError(f"base must be one of {', '.join(BASES)}, got {base!r}")
+    if base == "smollm2":
+        from igds_ray.demo.smollm2 import LMWorldSpec, build_lm_world
+
+        if quick:
+            raise ConfigError("--quick builds the tiny world; with --base smollm2 leave it out")
+        spec: Any = LMWorldSpec(seed=world_seed)
+        say(f"[demo] world: {wdir} (SmolLM2-135M-Instruct spec {spec.key()})", flush=True)
+        world = build_lm_world(wdir, spec, progress=progress)
+    else:
+        spec = WorldSpec.quick(world_seed) if quick else WorldSpec(seed=world_seed)
+        say(f"[demo] world: {wdir} ({'quick' if quick else 'full'} spec {spec.key()})", flush=True)
+        world = build_world(wdir, spec, progress=progress)
     st = world.stats
     say(f"[demo] world ready in {time.perf_counter() - t0:.0f}s: base model {st['params']:,} parameters, math dev "
         f"accuracy {st['base_dev_accuracy']:.1%}; SAE {spec.d_sae} latents at layer {spec.layer}, "
@@ -139,7 +160,7 @@ def run_demo(run_dir: str, quick: bool = False, seeds: int = 1, world_dir: str |
                      "features": metrics.get("features")})
         say(f"[demo] seed {s} done in {runs[-1]['wall_s']:.0f}s: "
             + ", ".join(f"{a} {m:.3f}" for a, m in runs[-1]["metrics"].items() if m is not None), flush=True)
-    summary = {"world": str(wdir), "world_seed": world_seed, "eval_set": eval_set, "world_stats": st, "runs": runs,
+    summary = {"world": str(wdir), "base": base, "world_seed": world_seed, "eval_set": eval_set, "world_stats": st, "runs": runs,
                "wall_s": round(time.perf_counter() - t0, 1)}
     if seeds > 1:
         summary["table"] = seeds_table(runs)

@@ -20,6 +20,7 @@ in the pool (no question string is shared).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -522,6 +523,81 @@ def bare_arithmetic_accuracy(model: Any, tok: Any, seed: int, n: int = 500, batc
     return {"n": n, "accuracy": round(right / n, 4), "with_carry_or_borrow": round(carry_right / max(1, carries), 4)}
 
 
+def cached_world(root: Path, spec: Any, progress: bool = True) -> dict | None:
+    """The stats of the world already built under `root` with this spec's key, or None (build it).
+
+    A directory that holds something else than a demo world is refused, never overwritten."""
+    import json
+
+    meta = root / WORLD_JSON
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("key") == spec.key():
+            return info["stats"]
+        if progress:
+            print(f"[world] {root} holds another world (key {info.get('key')}); rebuilding", flush=True)
+    if root.exists() and any(root.iterdir()) and not meta.exists():
+        raise FileExistsError(f"{root} exists, is not empty and is not a demo world: choose another --run-dir")
+    return None
+
+
+@contextlib.contextmanager
+def staging(root: Path, spec: Any, stats: dict) -> Iterator[Path]:
+    """A temporary sibling of `root` to build in, with torch's thread count fixed to `spec.threads`. On success
+    `world.json` (key, spec, `stats`) is written and the directory renamed into place; on any error it is removed,
+    so an interrupted build leaves nothing a rerun would trust."""
+    import json
+    import shutil
+    import uuid
+    from dataclasses import asdict
+
+    import torch
+
+    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        yield tmp
+        (tmp / WORLD_JSON).write_text(json.dumps({"key": spec.key(), "spec": asdict(spec), "stats": stats},
+                                                 indent=2, default=str))
+        if root.exists():
+            shutil.rmtree(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def write_tasks_and_pool(out: Path, spec: Any, stats: dict) -> tuple[list[dict], list[dict], set[str]]:
+    """The three tasks' recall/dev/test sets (`out/tasks/<task>/<split>.parquet`) and the pool (`out/pool`), from
+    `spec`'s seed, sizes and defect settings. Returns (pool rows, math dev rows, every held-out source)."""
+    import pandas as pd
+
+    from igds_ray.demo.tiny import write_pool
+
+    mp, tp, sp = prompt_formats()
+    m_rec, m_dev, m_test, m_held = math_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
+    t_rec, t_dev, t_test, t_held = translation_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
+    s_rec, s_dev, s_test, s_held = summarization_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
+    held = m_held | t_held | s_held
+    for task, sets in (("math", (m_rec, m_dev, m_test)), ("translation", (t_rec, t_dev, t_test)),
+                       ("summarization", (s_rec, s_dev, s_test))):
+        (out / "tasks" / task).mkdir(parents=True)
+        for split, rows in zip(("recall", "dev", "test"), sets):
+            pd.DataFrame(rows).to_parquet(out / "tasks" / task / f"{split}.parquet", index=False)
+    rows = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held, spec.wrong_answers, spec.wrong_share,
+                     spec.truncated_share)
+    write_pool(out / "pool", [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "kind": r["kind"],
+                               "correct": r["correct"], "utility": r["utility"]} for r in rows],
+               n_files=spec.pool_files)
+    stats["pool_kinds"] = pd.Series([r["kind"] for r in rows]).value_counts().to_dict()
+    return rows, m_dev, held
+
+
 def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool = True) -> DemoWorld:
     """Build (or reuse, when `root/world.json` holds the same spec) the demo world under `root`.
 
@@ -529,13 +605,8 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
     interrupted build leaves nothing a rerun would trust.
     """
     import itertools
-    import json
-    import shutil
     import time
-    import uuid
-    from dataclasses import asdict
 
-    import pandas as pd
     import torch
 
     from igds_ray.demo.pretrain import pretrain, save
@@ -543,40 +614,14 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
     from igds_ray.demo.tiny import build_llama, build_tokenizer
 
     root = Path(root).resolve()
-    meta = root / WORLD_JSON
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        if info.get("key") == spec.key():
-            return _world(root, spec, info["stats"])
-        if progress:
-            print(f"[world] {root} holds another world (key {info.get('key')}); rebuilding", flush=True)
-    if root.exists() and any(root.iterdir()) and not meta.exists():
-        raise FileExistsError(f"{root} exists, is not empty and is not a demo world: choose another --run-dir")
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(spec.threads)
-    try:
+    cached = cached_world(root, spec, progress)
+    if cached is not None:
+        return _world(root, spec, cached)
+    stats: dict[str, Any] = {}
+    with staging(root, spec, stats) as tmp:
         t0 = time.perf_counter()
-        stats: dict[str, Any] = {}
-        mp, tp, sp = prompt_formats()
-        m_rec, m_dev, m_test, m_held = math_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
-        t_rec, t_dev, t_test, t_held = translation_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
-        s_rec, s_dev, s_test, s_held = summarization_sets(spec.seed, spec.n_recall, spec.n_dev, spec.n_test)
-        held = m_held | t_held | s_held
-        for task, sets in (("math", (m_rec, m_dev, m_test)), ("translation", (t_rec, t_dev, t_test)),
-                           ("summarization", (s_rec, s_dev, s_test))):
-            (tmp / "tasks" / task).mkdir(parents=True)
-            for split, rows in zip(("recall", "dev", "test"), sets):
-                pd.DataFrame(rows).to_parquet(tmp / "tasks" / task / f"{split}.parquet", index=False)
-        rows = pool_rows(spec.seed, spec.pool_rows, mp, tp, sp, held, spec.wrong_answers, spec.wrong_share,
-                         spec.truncated_share)
-        from igds_ray.demo.tiny import write_pool
-
-        write_pool(tmp / "pool", [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "kind": r["kind"],
-                                   "correct": r["correct"], "utility": r["utility"]} for r in rows],
-                   n_files=spec.pool_files)
-        stats["pool_kinds"] = pd.Series([r["kind"] for r in rows]).value_counts().to_dict()
+        _, tp, sp = prompt_formats()
+        rows, m_dev, held = write_tasks_and_pool(tmp, spec, stats)
 
         torch.manual_seed(spec.seed)
         pre_mp = pretraining_math_prompt(spec)
@@ -616,17 +661,6 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
                       f"{c['p2_oracle_minus_full']:+.1%} {'holds' if c['p2'] else 'FAILS'} "
                       f"(means over {len(c['seeds'])} fine-tuning seeds)", flush=True)
         stats["build_s"] = round(time.perf_counter() - t0, 1)
-        (tmp / WORLD_JSON).write_text(json.dumps({"key": spec.key(), "spec": asdict(spec), "stats": stats},
-                                                 indent=2, default=str))
-        if root.exists():
-            shutil.rmtree(root)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads_before)
     return _world(root, spec, stats)
 
 

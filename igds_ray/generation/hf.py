@@ -15,6 +15,7 @@ from igds_ray.config import ModelConfig, SAEConfig
 from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, check_features, check_intervention, cut_at_stop
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_model, load_sae, load_tokenizer, resolve_device
 from igds_ray.models.runner import FeatureEncoder, LayerRunner
+from igds_ray.tokenize import pools_first_token
 
 
 class HFBackend(GenerationBackend):
@@ -140,7 +141,7 @@ class HFBackend(GenerationBackend):
         self, prompts: Sequence[str], layer: int, features: Sequence[int], q: float = 0.99
     ) -> list[float]:
         """Each latent's q-quantile activation (linear interpolation, numpy's default) over the prompts'
-        token positions where it is active (> 0), special and padding tokens excluded; 0.0 for a latent
+        token positions where it is active (> 0), special and padding tokens (and a BOS-less sink) excluded; 0.0 for a latent
         never active. One forward pass per batch, stopped after block `layer`."""
         if not 0.0 <= float(q) <= 1.0:
             raise ValueError(f"activation_quantile q must be in [0, 1], got {q!r}")
@@ -154,6 +155,7 @@ class HFBackend(GenerationBackend):
         encoder = FeatureEncoder(self.sae, feats)
         special = torch.tensor(sorted(set(self.tok.all_special_ids)), dtype=torch.long)
         ids_list = self.tok(list(prompts))["input_ids"]  # with BOS etc., as generate sees them
+        first_ok = pools_first_token(self.tok)
         order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
         kept: list[torch.Tensor] = []  # [n_tokens, k] per batch, left on the device until the end
         for s in range(0, len(order), self.batch_size):
@@ -166,7 +168,10 @@ class HFBackend(GenerationBackend):
             for j, x in enumerate(seqs):
                 ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
                 mask[j, : len(x)] = 1
-            use = (mask.bool() & ~torch.isin(ids, special)).to(self.device)
+            use = mask.bool() & ~torch.isin(ids, special)
+            if not first_ok:  # no BOS: position 0 is the attention sink, never read (tokenize.pools_first_token)
+                use[:, 0] = False
+            use = use.to(self.device)
             hidden = runner(ids.to(self.device), mask.to(self.device))
             kept.append(encoder(hidden[use]).float())
         acts = torch.cat(kept).cpu().double().numpy()
