@@ -33,6 +33,18 @@ def pools_first_token(tokenizer: Any) -> bool:
     return bool(ids) and int(ids[0]) in {int(i) for i in tokenizer.all_special_ids}
 
 
+def pooled_mask(input_ids: Any, attention_mask: Any, tokenizer: Any) -> Any:
+    """[batch, T] bool tensor: the positions of a padded batch that are ever pooled (`ExampleBuilder`'s rule): not
+    padding, not a special token, and not the first real token where the tokenizer adds no BOS. Either padding side."""
+    import torch
+
+    special = torch.tensor(sorted({int(i) for i in tokenizer.all_special_ids}), dtype=torch.long)
+    keep = attention_mask.bool() & ~torch.isin(input_ids, special.to(input_ids.device))
+    if not pools_first_token(tokenizer):
+        keep &= attention_mask.cumsum(-1) != 1
+    return keep
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]

@@ -215,19 +215,15 @@ def residual_activations(model: Any, tokenizer: Any, texts: Sequence[str], layer
     `context_size` tokens), as igds_ray's `LayerRunner` computes it: [n_tokens, d_model]. Where the tokenizer
     adds no BOS, the first token (the attention sink, `tokenize.pools_first_token`) is left out too."""
     from igds_ray.models.runner import LayerRunner
-    from igds_ray.tokenize import pools_first_token
+    from igds_ray.tokenize import pooled_mask
 
     runner = LayerRunner(model, layer, prune=False)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    first_ok = pools_first_token(tokenizer)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                         max_length=context_size)
         hidden = runner(enc["input_ids"], enc["attention_mask"])
-        keep = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special)
-        if not first_ok:  # no BOS: the first real token is the attention sink (tokenize.pools_first_token)
-            keep &= enc["attention_mask"].cumsum(-1) != 1
+        keep = pooled_mask(enc["input_ids"], enc["attention_mask"], tokenizer)
         out.append(hidden[keep].float())
     return torch.cat(out)
 

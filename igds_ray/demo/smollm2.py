@@ -20,17 +20,15 @@ not calibrated by a P1/P2 check at build time (that would double the run's cost)
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from igds_ray.demo.world import (
     DemoWorld, bare_arithmetic_accuracy, cached_world, math_accuracy, pool_rows, pretraining_documents,
-    prompt_formats, staging, write_tasks_and_pool,
+    prompt_formats, spec_key, staging, world_at, write_tasks_and_pool,
 )
 from igds_ray.errors import ConfigError
 
@@ -75,7 +73,7 @@ class LMWorldSpec:
     threads: int = 2
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return spec_key(self)
 
     def config_overrides(self) -> dict:
         """What the demo's RunConfig changes for this world (`demo_config` merges it in)."""
@@ -153,7 +151,7 @@ def build_lm_world(root: str | Path, spec: LMWorldSpec = LMWorldSpec(), progress
     root = Path(root).resolve()
     cached = cached_world(root, spec, progress)
     if cached is not None:
-        return DemoWorld(root, spec, root / "model", root / "sae", root / "pool", cached)
+        return world_at(root, spec, cached)
     say = print if progress else (lambda *a, **k: None)
     stats: dict[str, Any] = {}
     with staging(root, spec, stats) as tmp:
@@ -196,6 +194,6 @@ def build_lm_world(root: str | Path, spec: LMWorldSpec = LMWorldSpec(), progress
         say(f"[world] SAE at layer {spec.layer}: {spec.d_sae} latents, L0 {sae_stats['l0']:.1f}, variance explained "
             f"{sae_stats['fve']:.3f}, {sae_stats['wall_s']:.0f}s", flush=True)
         stats["build_s"] = round(time.perf_counter() - t0, 1)
-    return DemoWorld(root, spec, root / "model", root / "sae", root / "pool", stats)
+    return world_at(root, spec, stats)
 
 

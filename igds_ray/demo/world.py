@@ -366,6 +366,14 @@ def pretraining_documents(seed: int, math_prompt: Callable[[str], str], translat
 # building the world on disk
 
 WORLD_JSON = "world.json"
+
+
+def spec_key(spec: Any) -> str:
+    """A world spec's name: the hash of its fields (a dataclass); the same key means a reusable build."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
 TASKS = ("math", "translation", "summarization")
 
 
@@ -433,11 +441,7 @@ class WorldSpec:
                    pretrain_steps=500, sae_tokens=200_000, ft_epochs=3, calib_seeds=1, threads=2)
 
     def key(self) -> str:
-        import hashlib
-        import json
-        from dataclasses import asdict
-
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return spec_key(self)
 
 
 @dataclass(frozen=True)
@@ -616,7 +620,7 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
     root = Path(root).resolve()
     cached = cached_world(root, spec, progress)
     if cached is not None:
-        return _world(root, spec, cached)
+        return world_at(root, spec, cached)
     stats: dict[str, Any] = {}
     with staging(root, spec, stats) as tmp:
         t0 = time.perf_counter()
@@ -661,10 +665,11 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool 
                       f"{c['p2_oracle_minus_full']:+.1%} {'holds' if c['p2'] else 'FAILS'} "
                       f"(means over {len(c['seeds'])} fine-tuning seeds)", flush=True)
         stats["build_s"] = round(time.perf_counter() - t0, 1)
-    return _world(root, spec, stats)
+    return world_at(root, spec, stats)
 
 
-def _world(root: Path, spec: WorldSpec, stats: dict) -> DemoWorld:
+def world_at(root: Path, spec: Any, stats: dict) -> DemoWorld:
+    """The built world under `root`: its model, SAE and pool directories."""
     return DemoWorld(root, spec, root / "model", root / "sae", root / "pool", stats)
 
 

@@ -15,7 +15,7 @@ from igds_ray.config import ModelConfig, SAEConfig
 from igds_ray.generation.base import FeatureSteer, GenerationBackend, Intervention, SamplingConfig, check_features, check_intervention, cut_at_stop
 from igds_ray.models.loading import decoder_layers, layer_from_hook_name, load_model, load_sae, load_tokenizer, resolve_device
 from igds_ray.models.runner import FeatureEncoder, LayerRunner
-from igds_ray.tokenize import pools_first_token
+from igds_ray.tokenize import pooled_mask
 
 
 class HFBackend(GenerationBackend):
@@ -153,9 +153,7 @@ class HFBackend(GenerationBackend):
         check_features(self.sae, self.sae_layer, layer, feats, what="activation_quantile")
         runner = LayerRunner(self.model, layer, prune=False)
         encoder = FeatureEncoder(self.sae, feats)
-        special = torch.tensor(sorted(set(self.tok.all_special_ids)), dtype=torch.long)
         ids_list = self.tok(list(prompts))["input_ids"]  # with BOS etc., as generate sees them
-        first_ok = pools_first_token(self.tok)
         order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
         kept: list[torch.Tensor] = []  # [n_tokens, k] per batch, left on the device until the end
         for s in range(0, len(order), self.batch_size):
@@ -168,10 +166,7 @@ class HFBackend(GenerationBackend):
             for j, x in enumerate(seqs):
                 ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
                 mask[j, : len(x)] = 1
-            use = mask.bool() & ~torch.isin(ids, special)
-            if not first_ok:  # no BOS: position 0 is the attention sink, never read (tokenize.pools_first_token)
-                use[:, 0] = False
-            use = use.to(self.device)
+            use = pooled_mask(ids, mask, self.tok).to(self.device)
             hidden = runner(ids.to(self.device), mask.to(self.device))
             kept.append(encoder(hidden[use]).float())
         acts = torch.cat(kept).cpu().double().numpy()
