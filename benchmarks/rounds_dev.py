@@ -41,7 +41,6 @@ def main() -> None:
 
     from igds_ray import pipeline
     from igds_ray.config import from_dict
-    from igds_ray.demo.world import WorldSpec, _world
     from igds_ray.stages.score import init_ray
 
     src, out = Path(args.rounds_dir).resolve(), Path(args.out).resolve()
@@ -56,9 +55,7 @@ def main() -> None:
             if not f.name.startswith("new-") or f.name == "new-002.parquet":  # round 1's files + the first new one
                 shutil.copy2(f, pool / f.name)
     base = json.loads((out / "round-1" / "config.json").read_text())
-    world = json.loads((src / "rounds-demo.json").read_text())["world"]
-    spec = WorldSpec(**json.loads((Path(world) / "world.json").read_text())["spec"])
-    dev = str(_world(Path(world), spec, {}).task_file("math", "dev"))
+    dev = dev_file(src)
     init_ray()
     res = {}
     for name, recipe in RECIPES.items():
@@ -86,17 +83,23 @@ def main() -> None:
     print(json.dumps(res["_rule"]))
 
 
+def dev_file(src: Path) -> str:
+    """The math dev set of the world the rounds in `src` ran on."""
+    from igds_ray.demo.world import WorldSpec, world_at
+
+    world = Path(json.loads((src / "rounds-demo.json").read_text())["world"])
+    spec = WorldSpec(**json.loads((world / "world.json").read_text())["spec"])
+    return str(world_at(world, spec, {}).task_file("math", "dev"))
+
+
 def drift_probe(src: Path, out: Path) -> None:
     from igds_ray import pipeline
     from igds_ray.config import from_dict
-    from igds_ray.demo.world import WorldSpec, _world
     from igds_ray.stages.score import init_ray
 
     out.mkdir(parents=True, exist_ok=True)
     base = json.loads((src / "round-3" / "config.json").read_text())
-    world = json.loads((src / "rounds-demo.json").read_text())["world"]
-    spec = WorldSpec(**json.loads((Path(world) / "world.json").read_text())["spec"])
-    dev = str(_world(Path(world), spec, {}).task_file("math", "dev"))
+    dev = dev_file(src)
     init_ray()
     res = {}
     for name in ("train", "keep"):

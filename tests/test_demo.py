@@ -107,7 +107,7 @@ def test_seeds_table_statistics():
 def test_demo_config_is_a_valid_run_config(tmp_path):
     from igds_ray.demo.run import ABLATION_ARMS, ALL_ARMS, DEFAULT_ARMS, QUICK_ARMS, demo_config
 
-    world = W._world(tmp_path, W.WorldSpec(), {})
+    world = W.world_at(tmp_path, W.WorldSpec(), {})
     full = demo_config(world, str(tmp_path / "run"))
     quick = demo_config(world, str(tmp_path / "run"), quick=True, seed=2)
     assert tuple(full.arms) == DEFAULT_ARMS and tuple(quick.arms) == QUICK_ARMS and quick.seed == 2
