@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--pool", default=None, help="the pool now (default: the config's pool.path)")
 
     d = sub.add_parser("demo", help="the embedded default: build a tiny world from seeds (tasks, pool, a pretrained "
-                                    "tiny Llama, an SAE trained with sae-lens), run every arm, write the report")
+                                    "tiny Llama, an SAE trained with sae-lens), run igds and igds_response against "
+                                    "full, random and the oracle (--arms paper adds loss, ifd, zip), write the report")
     d.add_argument("--run-dir", default="runs/demo", help="run directory (the world is built in <run-dir>/world)")
     d.add_argument("--quick", action="store_true", help="a smaller world and the igds/full/random/oracle arms (CI)")
     d.add_argument("--world-seed", dest="world_seed", type=int, default=0,
@@ -229,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "each after the first (the last one off-task when N >= 3), each round fine-tuned from the last")
     d.add_argument("--new-rows", dest="new_rows", type=int, default=None, help="rows per new pool file (--rounds; "
                    "default: half the world's pool)")
-    d.add_argument("--arms", default=None, help="comma-separated arms, or `all` (default: every arm but the igds "
-                                                "ablations; --quick: igds,full,random,oracle)")
+    d.add_argument("--arms", default=None, help="comma-separated arms, or `paper` (igds, igds_response, oracle and "
+                   "the paper's baselines full, random, loss, ifd, zip) or `all` (paper + the igds ablations); default: "
+                   "igds,igds_response,full,random,oracle; --quick: igds,full,random,oracle")
     return p
 
 

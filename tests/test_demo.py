@@ -105,7 +105,7 @@ def test_seeds_table_statistics():
 
 
 def test_demo_config_is_a_valid_run_config(tmp_path):
-    from igds_ray.demo.run import ABLATION_ARMS, ALL_ARMS, DEFAULT_ARMS, QUICK_ARMS, demo_config
+    from igds_ray.demo.run import ABLATION_ARMS, ALL_ARMS, DEFAULT_ARMS, PAPER_ARMS, QUICK_ARMS, demo_config
 
     world = W.world_at(tmp_path, W.WorldSpec(), {})
     full = demo_config(world, str(tmp_path / "run"))
@@ -113,9 +113,14 @@ def test_demo_config_is_a_valid_run_config(tmp_path):
     assert tuple(full.arms) == DEFAULT_ARMS and tuple(quick.arms) == QUICK_ARMS and quick.seed == 2
     assert "oracle" in DEFAULT_ARMS and "oracle" in QUICK_ARMS and not set(ABLATION_ARMS) & set(DEFAULT_ARMS)
     assert tuple(demo_config(world, str(tmp_path / "run"), arms=("all",)).arms) == ALL_ARMS
+    paper = tuple(demo_config(world, str(tmp_path / "run"), arms=("paper",)).arms)
+    assert paper == PAPER_ARMS and set(DEFAULT_ARMS) < set(paper) and {"loss", "ifd", "zip"} <= set(paper) - set(DEFAULT_ARMS)
+    assert not set(ABLATION_ARMS) & set(paper) and set(paper) | set(ABLATION_ARMS) == set(ALL_ARMS)
     assert full.baselines["oracle"] == {"column": "utility"}
     # The pipeline fine-tunes with the settings the world's P1/P2 check used.
-    assert (full.finetune["epochs"], full.finetune["lr"]) == (W.WorldSpec().ft_epochs, W.WorldSpec().ft_lr)
+    spec = W.WorldSpec()
+    assert (full.finetune["epochs"], full.finetune["lr"], full.finetune["batch_size"]) == (
+        spec.ft_epochs, spec.ft_lr, spec.ft_batch)
     assert W.WorldSpec(seed=1).key() != W.WorldSpec().key()
     assert full.evaluate.template == full.causal.template == 1  # the template the pool's prompts use
     assert full.report.label_column == "kind" and full.pool.id_column == "id"

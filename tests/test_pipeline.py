@@ -111,6 +111,22 @@ def test_concurrent_arms_overlap_and_train_as_they_would_alone(ran, tmp_path):
     assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
 
 
+def test_arms_start_longest_first(ran, tmp_path):
+    """With several arms at a time, the one with the most rows starts first (full: the whole pool), and a
+    selection whose manifest cannot be read is not left to the end (it counts as the largest)."""
+    cfg, _ = ran
+    pipe = pipeline.Pipeline(cfg)
+    fcs = {arm: pipe.finetune_config(arm, f"{cfg.run_dir}/selection/{arm}.parquet") for arm in ALL_ARMS}
+    order = [arm for arm, _ in pipeline.longest_first(fcs)]
+    rows = {arm: json.loads(open(f"{cfg.run_dir}/selection/{arm}.parquet/_SUCCESS").read())["rows"] for arm in ALL_ARMS}
+    assert order[0] == "full" and rows["full"] > max(v for a, v in rows.items() if a != "full")
+    assert [rows[a] for a in order] == sorted(rows.values(), reverse=True)
+    halves = [a for a in ALL_ARMS if rows[a] == rows["random"]]
+    assert [a for a in order if a in halves] == halves  # equal rows keep the config's order
+    fcs["broken"] = pipe.finetune_config("broken", str(tmp_path / "no_such_selection.parquet"))
+    assert pipeline.longest_first(fcs)[0][0] == "broken"
+
+
 def torch_equal(x, y) -> bool:
     import torch
 

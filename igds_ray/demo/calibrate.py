@@ -6,8 +6,9 @@ order and learning-rate schedule as `igds_ray.stages.finetune`, but without Ray 
 - `full`: every pool row;
 - `oracle`: the top half of the pool by the world's `utility` label (useful rows first, then
   neutral ones; harmful ones last), a seeded sample inside each label class,
-each once per fine-tuning seed (`WorldSpec.calib_seeds`, in parallel processes of one torch thread
-each), and measures greedy math accuracy on the **dev** set, averaged over the seeds. P1 holds when
+each once per fine-tuning seed (`WorldSpec.calib_seeds`; `threads` torch threads per fine-tune, as
+many side by side as the cores hold: the default world's 2 threads on 2 cores run them one at a
+time), and measures greedy math accuracy on the **dev** set, averaged over the seeds. P1 holds when
 `full` beats the base by at least `P1_MIN`; P2 when `oracle` beats `full` by at least `P2_MIN`.
 Only these two facts decide the world's parameters (see BENCHMARKS.md, "world calibration"); no IGDS result ever does, and the test
 set is never read here. The pipeline's arms (Ray Train, evaluated on the test set) are the real
@@ -72,7 +73,7 @@ def finetune_in_process(model_dir: Path, rows: Sequence[dict], epochs: int, lr: 
 
 
 def _one(job: tuple) -> tuple[str, int, float, dict]:
-    """One calibration fine-tune + dev accuracy (runs in a worker process with one torch thread)."""
+    """One calibration fine-tune + dev accuracy, on `threads` torch threads (in this process or a worker)."""
     from igds_ray.demo.world import math_accuracy
 
     arm, model_dir, rows, dev, epochs, lr, batch_size, max_tokens, seed, threads = job
