@@ -34,7 +34,7 @@ ABLATION_ARMS = ("igds_k5", "igds_no_causal", "igds_no_recall")
 PAPER_ARMS = tuple(a for a in ALL_ARMS if a not in ABLATION_ARMS)
 # The default demo: IGDS against random, full data and the ceiling. Loss, IFD and ZIP (each another
 # half-pool fine-tune, scored by another pass) are `--arms paper`: with them `make demo` took longer than
-# its 10 minutes on 2 cores (BENCHMARKS.md, "Wall time").
+# its 10 minutes on 2 cores (BENCHMARKS.md, "A cheaper world").
 DEFAULT_ARMS = ("igds", "igds_response", "full", "random", "oracle")
 ARM_SETS = {"all": ALL_ARMS, "paper": PAPER_ARMS}
 QUICK_ARMS = ("igds", "full", "random", "oracle")
