@@ -374,6 +374,8 @@ def spec_key(spec: Any) -> str:
     import json
 
     return hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+
+
 TASKS = ("math", "translation", "summarization")
 
 
